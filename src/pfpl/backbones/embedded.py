@@ -1,0 +1,76 @@
+"""The embedded tiny CLIP: an open_clip architecture with a custom config, shipped with pfpl.
+
+Its weights are pretrained on the shapes world by ``pfpl pretrain-embedded`` and committed as
+safetensors (stored in float16 to stay small, loaded as float32) next to a manifest that records
+the config, seed, data recipe and measured quality.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from open_clip.model import CLIP
+
+EMBEDDED_NAME = "embedded"
+EMBEDDED_CONFIG: dict[str, Any] = {
+    "embed_dim": 128,
+    "vision_cfg": {"layers": [1, 1, 1, 1], "width": 24, "image_size": 64, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4},
+}
+WEIGHTS_FILE = "embedded.safetensors"
+MANIFEST_FILE = "embedded.json"
+
+
+def assets_dir() -> Path:
+    """Folder inside the installed package that holds the committed weights and manifest."""
+    return Path(str(resources.files("pfpl.backbones") / "assets"))
+
+
+def build_model(config: dict[str, Any] | None = None) -> CLIP:
+    """A randomly initialised model of the embedded architecture."""
+    cfg = dict(config or EMBEDDED_CONFIG)
+    vision = dict(cfg["vision_cfg"])
+    vision["layers"] = tuple(vision["layers"])
+    return CLIP(embed_dim=cfg["embed_dim"], vision_cfg=vision, text_cfg=dict(cfg["text_cfg"]))
+
+
+def load_manifest(folder: Path | None = None) -> dict[str, Any]:
+    path = (folder or assets_dir()) / MANIFEST_FILE
+    if not path.exists():
+        raise FileNotFoundError(
+            f"embedded model manifest not found at {path}; run `pfpl pretrain-embedded` to create it"
+        )
+    return json.loads(path.read_text())
+
+
+def load_embedded(folder: Path | None = None) -> tuple[CLIP, dict[str, Any]]:
+    """The pretrained embedded model (float32, eval mode) and its manifest. Never downloads."""
+    from safetensors.torch import load_file
+
+    folder = folder or assets_dir()
+    manifest = load_manifest(folder)
+    weights = folder / WEIGHTS_FILE
+    if not weights.exists():
+        raise FileNotFoundError(f"embedded weights not found at {weights}; run `pfpl pretrain-embedded`")
+    model = build_model(manifest["config"])
+    state = {k: v.float() for k, v in load_file(str(weights)).items()}
+    model.load_state_dict(state)
+    return model.eval(), manifest
+
+
+def save_embedded(model: CLIP, manifest: dict[str, Any], folder: Path) -> Path:
+    """Write float16 weights and the manifest; returns the weights path."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    path = folder / WEIGHTS_FILE
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(path)
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return path

@@ -1,0 +1,208 @@
+"""Frozen open_clip backbone: image features, prompt token embeddings, and a differentiable text
+tower over prompt embeddings that runs on only ``max_eot + 1`` positions (DESIGN §3)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class BackboneError(ValueError):
+    """A backbone cannot be built as asked (unknown name, missing weights, download needed)."""
+
+
+@dataclass
+class TextParts:
+    """The pieces of an open_clip text tower, wherever the model keeps them."""
+
+    token_embedding: nn.Embedding
+    positional_embedding: torch.Tensor
+    transformer: nn.Module
+    ln_final: nn.Module
+    text_projection: Any
+    attn_mask: torch.Tensor | None
+    pool_type: str
+    eos_id: int | None
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "TextParts":
+        holder = model.text if hasattr(model, "text") and hasattr(model.text, "token_embedding") else model
+        if not hasattr(holder, "token_embedding"):
+            raise BackboneError(f"{type(model).__name__} has no open_clip text transformer to prompt")
+        return cls(
+            token_embedding=holder.token_embedding,
+            positional_embedding=holder.positional_embedding,
+            transformer=holder.transformer,
+            ln_final=holder.ln_final,
+            text_projection=holder.text_projection,
+            attn_mask=getattr(holder, "attn_mask", None),
+            pool_type=getattr(holder, "text_pool_type", getattr(holder, "pool_type", "argmax")),
+            eos_id=getattr(holder, "text_eos_id", getattr(holder, "eos_id", None)),
+        )
+
+    @property
+    def causal(self) -> bool:
+        """Whether tokens after the EOT can be dropped: causal mask and pooling at the EOT."""
+        if self.attn_mask is None or self.pool_type not in ("argmax", "eos"):
+            return False
+        upper = torch.triu(torch.ones_like(self.attn_mask, dtype=torch.bool), diagonal=1)
+        return bool(torch.isinf(self.attn_mask[upper]).all()) and not bool(self.attn_mask[~upper].any())
+
+    def eot_positions(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.pool_type == "eos" and self.eos_id is not None:
+            return (tokens == self.eos_id).int().argmax(dim=-1)
+        return tokens.argmax(dim=-1)
+
+    def forward(self, x: torch.Tensor, eot: torch.Tensor, truncate: bool = True) -> torch.Tensor:
+        """Projected, unnormalised text features from token embeddings ``x`` [N, L, D].
+
+        With ``truncate`` (and a causal tower) the sequence is cut to ``max(eot) + 1`` positions,
+        which cannot change the features at the EOT tokens.
+        """
+        if truncate and self.causal:
+            x = x[:, : int(eot.max()) + 1]
+        length = x.shape[1]
+        x = x + self.positional_embedding[:length].to(x.dtype)
+        mask = self.attn_mask[:length, :length] if self.attn_mask is not None else None
+        x = self.transformer(x, attn_mask=mask)
+        x = self.ln_final(x)
+        if self.pool_type in ("argmax", "eos"):
+            x = x[torch.arange(x.shape[0], device=x.device), eot]
+        elif self.pool_type == "first":
+            x = x[:, 0]
+        elif self.pool_type == "last":
+            x = x[:, -1]
+        if self.text_projection is None:
+            return x
+        if isinstance(self.text_projection, nn.Linear):
+            return self.text_projection(x)
+        return x @ self.text_projection
+
+
+def weights_fingerprint(model: nn.Module, name: str) -> str:
+    """Hash of the model name and every weight: a changed backbone never reuses stale features."""
+    h = hashlib.sha256(name.encode())
+    for key, value in sorted(model.state_dict().items()):
+        t = value.detach().cpu().contiguous()
+        h.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+class OpenClipBackbone:
+    """A frozen open_clip model behind pfpl's backbone contract (DESIGN §3)."""
+
+    def __init__(self, model: nn.Module, name: str, preprocess: Any, tokenizer: Any, device: str = "cpu"):
+        self.name = name
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.text = TextParts.of(self.model)
+        self.fingerprint = weights_fingerprint(self.model, name)
+        self.preprocess_id = repr(preprocess)
+
+    @property
+    def ctx_dim(self) -> int:
+        return int(self.text.token_embedding.weight.shape[1])
+
+    @property
+    def context_length(self) -> int:
+        return int(self.text.positional_embedding.shape[0])
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.exp().clamp(max=100))
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised image features for a preprocessed batch ``[N, 3, H, W]``."""
+        return F.normalize(self.model.encode_image(images.to(self.device)).float(), dim=-1)
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts).to(self.device)
+
+    @torch.no_grad()
+    def token_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.text.token_embedding(tokens.to(self.device)).float()
+
+    def text_features_from_embeddings(self, x: torch.Tensor, eot: torch.Tensor, truncate: bool = True) -> torch.Tensor:
+        """Differentiable: normalised text features from prompt embeddings ``[N, L, D]``."""
+        return F.normalize(self.text.forward(x, eot, truncate).float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str], truncate: bool = True) -> torch.Tensor:
+        tokens = self.tokenize(texts)
+        return self.text_features_from_embeddings(
+            self.text.token_embedding(tokens), self.text.eot_positions(tokens), truncate
+        )
+
+
+def _local_weights_for_tag(model_name: str, tag: str, cache_dir: str | None) -> str:
+    """Path of an already-downloaded checkpoint for a pretrained tag; never touches the network."""
+    from open_clip import pretrained as pt
+
+    hint = (
+        f"backbone.pretrained={tag!r} for {model_name} needs a download, and pfpl never downloads at run time; "
+        f"pass a local checkpoint instead: --set backbone.pretrained=/path/to/{model_name}.bin"
+    )
+    cfg = pt.get_pretrained_cfg(model_name, tag)
+    if not cfg:
+        known = ", ".join(pt.list_pretrained_tags_by_model(model_name)) or "none"
+        raise BackboneError(
+            f"backbone.pretrained={tag!r} is neither a local file nor a known tag for {model_name} "
+            f"(known tags: {known})"
+        )
+    if cfg.get("hf_hub"):
+        previous = os.environ.get("HF_HUB_OFFLINE")
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        try:
+            path = pt.download_pretrained(cfg, prefer_hf_hub=True, cache_dir=cache_dir)
+        except Exception as exc:  # huggingface_hub raises several offline/missing errors
+            raise BackboneError(hint) from exc
+        finally:
+            if previous is None:
+                os.environ.pop("HF_HUB_OFFLINE", None)
+            else:
+                os.environ["HF_HUB_OFFLINE"] = previous
+        if path:
+            return path
+    url = cfg.get("url", "")
+    target = Path(cache_dir or Path.home() / ".cache" / "clip") / os.path.basename(url)
+    if url and target.is_file():
+        return str(target)
+    raise BackboneError(hint)
+
+
+def load_open_clip(
+    model_name: str, pretrained: str | None = None, device: str = "cpu", cache_dir: str | None = None
+) -> OpenClipBackbone:
+    """Any open_clip model; weights from a local checkpoint path, a cached tag, or random init."""
+    import open_clip
+
+    if model_name not in open_clip.list_models():
+        raise BackboneError(
+            f"backbone.name={model_name!r} is not an open_clip model; "
+            f"use 'embedded' or one of open_clip.list_models() (e.g. ViT-B-16, RN50)"
+        )
+    weights: str | None = None
+    if pretrained:
+        if Path(pretrained).expanduser().exists():
+            weights = str(Path(pretrained).expanduser())
+        elif os.sep in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors", ".pth")):
+            raise BackboneError(f"backbone.pretrained={pretrained!r}: no such checkpoint file")
+        else:
+            weights = _local_weights_for_tag(model_name, pretrained, cache_dir)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=weights, device="cpu")
+    except (RuntimeError, KeyError, ValueError, OSError) as exc:
+        raise BackboneError(f"backbone.pretrained={pretrained!r}: cannot load it into {model_name}: {exc}") from exc
+    label = f"{model_name}:{pretrained or 'random'}"
+    return OpenClipBackbone(model, label, preprocess, open_clip.get_tokenizer(model_name), device)

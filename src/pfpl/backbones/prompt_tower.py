@@ -1,0 +1,71 @@
+"""The differentiable prompt → class-text-feature map for ``[SOS] ctx_1 … ctx_M classname . [EOS]``.
+
+The frozen token embeddings of SOS and of ``classname . EOS`` are computed once; learned context
+vectors are spliced in between. Any number of prompt sets (e.g. one per client) go through the
+text tower in one call, chunked to a memory budget, on only ``max_eot + 1`` positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pfpl.backbones.openclip import OpenClipBackbone
+
+
+class PromptTower:
+    """Class text features of soft prompts for a fixed list of class names."""
+
+    def __init__(self, backbone: OpenClipBackbone, classnames: list[str], n_ctx: int,
+                 truncate: bool = True, max_sequences: int = 4096):
+        self.backbone = backbone
+        self.classnames = list(classnames)
+        self.n_ctx = n_ctx
+        self.truncate = truncate
+        self.max_sequences = max_sequences
+        placeholder = " ".join(["X"] * n_ctx)
+        tokens = backbone.tokenize([f"{placeholder} {name}." for name in classnames])
+        self.eot = backbone.text.eot_positions(tokens)
+        if int(self.eot.max()) >= backbone.context_length:
+            raise ValueError(f"{n_ctx} context tokens plus the longest class name exceed the text context")
+        length = int(self.eot.max()) + 1 if truncate and backbone.text.causal else backbone.context_length
+        emb = backbone.token_embeddings(tokens)[:, :length]
+        self.prefix = emb[:, :1]  # [C, 1, D]  SOS
+        self.suffix = emb[:, 1 + n_ctx:]  # [C, L-1-M, D]  classname . EOS (and padding up to max_eot)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    def embeddings(self, ctx: torch.Tensor) -> torch.Tensor:
+        """Token embeddings ``[B, C, L, D]``.
+
+        ``ctx`` is ``[M, D]`` (one shared context), ``[C, M, D]`` (class-specific context) or
+        ``[B, C|1, M, D]`` (a batch of prompt sets, e.g. one per client; 1 = shared over classes).
+        """
+        c = self.num_classes
+        if ctx.dim() == 2:
+            ctx = ctx[None, None]
+        elif ctx.dim() == 3:
+            if ctx.shape[0] != c:
+                raise ValueError(f"class-specific context has {ctx.shape[0]} rows for {c} classes")
+            ctx = ctx[None]
+        if ctx.dim() != 4 or ctx.shape[-2] != self.n_ctx or ctx.shape[1] not in (1, c):
+            raise ValueError(f"context of shape {tuple(ctx.shape)} does not fit {self.n_ctx} context tokens")
+        b = ctx.shape[0]
+        ctx = ctx.expand(b, c, self.n_ctx, ctx.shape[-1])
+        pre = self.prefix[None].expand(b, -1, -1, -1)
+        suf = self.suffix[None].expand(b, -1, -1, -1)
+        return torch.cat([pre, ctx.to(pre.dtype), suf], dim=2)
+
+    def __call__(self, ctx: torch.Tensor) -> torch.Tensor:
+        """Normalised class text features ``[B, C, E]`` (see :meth:`embeddings` for shapes)."""
+        x = self.embeddings(ctx)
+        b, c = x.shape[:2]
+        flat = x.reshape(b * c, *x.shape[2:])
+        eot = self.eot.repeat(b)
+        out = [
+            self.backbone.text_features_from_embeddings(flat[i:i + self.max_sequences], eot[i:i + self.max_sequences],
+                                                        self.truncate)
+            for i in range(0, b * c, self.max_sequences)
+        ]
+        return torch.cat(out).reshape(b, c, -1)

@@ -1,0 +1,131 @@
+"""The ``pfpl`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pfpl.backbones import BackboneError, load_backbone
+from pfpl.config import Config, ConfigError, load_config
+from pfpl.data import DatasetError, build_dataset
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML config file (defaults: the embedded benchmark)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set backbone.name=ViT-B-16 (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _setup(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def _backbone(cfg: Config):
+    return load_backbone(cfg.backbone.name, cfg.backbone.pretrained, cfg.backbone.device, str(cfg.cache_dir))
+
+
+def cmd_zeroshot(args: argparse.Namespace) -> int:
+    from pfpl.data.features import image_features
+    from pfpl.evaluation.zeroshot import zero_shot
+
+    cfg = _setup(args)
+    backbone, dataset = _backbone(cfg), build_dataset(cfg.data)
+    test = image_features(backbone, dataset, "test", cfg.cache_dir)
+    result = zero_shot(backbone, test, dataset.classnames, dataset.domainnames, cfg.prompt.template)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"zero-shot accuracy of {backbone.name} on {dataset.name} (test, {len(test)} images): "
+              f"{result['accuracy']:.2%}")
+        for name, acc in result["per_domain"].items():
+            print(f"  {name:<10} {acc:.2%}")
+    return 0
+
+
+def cmd_quality(args: argparse.Namespace) -> int:
+    from pfpl.evaluation.quality import measure_quality
+
+    cfg = _setup(args)
+    backbone, dataset = _backbone(cfg), build_dataset(cfg.data)
+    result = measure_quality(backbone, dataset, cfg.cache_dir, shots=args.shots, n_ctx=cfg.prompt.n_ctx,
+                             seed=cfg.seed, template=cfg.prompt.template, coop_epochs=args.coop_epochs)
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+def cmd_pretrain_embedded(args: argparse.Namespace) -> int:
+    from pfpl.backbones.embedded import EMBEDDED_CONFIG, assets_dir, save_embedded
+    from pfpl.backbones.pretrain import pretrain
+
+    out = args.out or assets_dir()
+    settings = {"seed": args.seed}
+    if args.steps:
+        settings["steps"] = args.steps
+    model, record = pretrain(settings, workers=args.workers)
+    manifest = {"name": "embedded", "config": EMBEDDED_CONFIG, "pretraining": record,
+                "command": "pfpl pretrain-embedded" + (f" --seed {args.seed}" if args.seed else "")}
+    save_embedded(model, manifest, out)
+    if not args.no_quality:
+        from pfpl.evaluation.quality import measure_quality
+
+        cfg = load_config(None, [])
+        backbone = load_backbone("embedded", str(out), "cpu")
+        manifest["quality"] = measure_quality(backbone, build_dataset(cfg.data), cfg.cache_dir,
+                                              template=cfg.prompt.template)
+        manifest["quality_command"] = "pfpl quality"
+        save_embedded(model, manifest, out)
+    print(json.dumps({k: manifest.get(k) for k in ("quality",)}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    # The main job. Until the federated engine lands, it evaluates the default backbone zero-shot.
+    return cmd_zeroshot(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pfpl", description="Private, personalized federated prompt learning.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="the main job on the configured benchmark")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("zeroshot", help="zero-shot accuracy of a backbone on a dataset, overall and per domain")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_zeroshot)
+
+    p = sub.add_parser("quality", help="linear probe, zero-shot and centralised CoOp of a backbone on a dataset")
+    _add_config_args(p)
+    p.add_argument("--shots", type=int, default=16)
+    p.add_argument("--coop-epochs", type=int, default=30)
+    p.set_defaults(func=cmd_quality)
+
+    p = sub.add_parser("pretrain-embedded", help="pretrain the embedded tiny CLIP on the shapes world")
+    p.add_argument("--out", type=Path, help="output folder (default: the package's assets folder)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, help="training steps (default from the recipe)")
+    p.add_argument("--workers", type=int, default=2, help="rendering processes")
+    p.add_argument("--no-quality", action="store_true", help="skip measuring quality into the manifest")
+    p.set_defaults(func=cmd_pretrain_embedded)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, BackboneError, DatasetError, FileNotFoundError) as exc:
+        print(f"pfpl: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""One validated configuration model, loaded from TOML and overridable with ``--set key=value``.
+
+Any invalid value becomes a single :class:`ConfigError` line that names the key, the value and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """An invalid configuration: one line naming the key, the value and what is allowed."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BackboneConfig(Section):
+    name: str = Field("embedded", description="'embedded' or an open_clip model name, e.g. ViT-B-16")
+    pretrained: str | None = Field(None, description="open_clip pretrained tag or a local checkpoint path")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class DataConfig(Section):
+    dataset: Literal["shapes"] = "shapes"
+    seed: int = Field(0, ge=0)
+    train_per_class_domain: int = Field(20, ge=1)
+    val_per_class_domain: int = Field(4, ge=1)
+    test_per_class_domain: int = Field(10, ge=1)
+
+
+class PromptConfig(Section):
+    n_ctx: int = Field(16, ge=1, le=64)
+    init_std: float = Field(0.02, gt=0)
+    template: str = Field("a photo of a {}.", description="hand-crafted zero-shot template")
+
+
+class Config(Section):
+    seed: int = Field(0, ge=0)
+    cache_dir: Path = Path(".pfpl-cache")
+    output_dir: Path = Path("runs")
+    backbone: BackboneConfig = BackboneConfig()
+    data: DataConfig = DataConfig()
+    prompt: PromptConfig = PromptConfig()
+
+
+def _parse_value(raw: str) -> Any:
+    """A TOML literal when the text is one (numbers, booleans, arrays, quoted strings), else the text."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config error: {key}: {'.'.join(parts[:-1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def _one_line(model: type[BaseModel], err: ValidationError) -> ConfigError:
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    key = ".".join(str(p) for p in loc)
+    if first["type"] == "extra_forbidden":
+        allowed = ", ".join(_allowed_keys(model, loc))
+        return ConfigError(f"config error: {key} is not a known key (allowed here: {allowed})")
+    return ConfigError(f"config error: {key} = {first.get('input')!r}: {first['msg']}")
+
+
+def build_config(data: dict[str, Any], overrides: list[str] | None = None, model: type[Config] = Config) -> Config:
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"config error: override {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), _parse_value(raw.strip()))
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise _one_line(model, err) from None
+
+
+def load_config(path: Path | str | None = None, overrides: list[str] | None = None) -> Config:
+    """The config from a TOML file (or the defaults) with ``key=value`` overrides applied."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config error: config file {path} does not exist")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config error: {path} is not valid TOML: {exc}") from None
+    return build_config(data, overrides)

@@ -1,0 +1,50 @@
+"""One interface for every image-classification dataset pfpl trains on.
+
+A dataset has class names, domain names, a content fingerprint (it keys the feature cache) and
+train/val/test splits; each split is images with a class label and a domain label.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+SPLITS = ("train", "val", "test")
+
+
+class DatasetError(ValueError):
+    """A dataset cannot be built as asked (bad folder, unknown split, bad recipe)."""
+
+
+@dataclass
+class SplitData:
+    """Images of one split; ``load(i)`` gives image ``i`` as an RGB PIL image."""
+
+    labels: np.ndarray
+    domains: np.ndarray
+    load: Callable[[int], Image.Image]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class VisionDataset(ABC):
+    name: str
+    classnames: list[str]
+    domainnames: list[str]
+
+    @property
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """Changes whenever any image, label or split membership could change."""
+
+    @abstractmethod
+    def split(self, name: str) -> SplitData: ...
+
+    def _check_split(self, name: str) -> None:
+        if name not in SPLITS:
+            raise DatasetError(f"unknown split {name!r}; splits are {', '.join(SPLITS)}")

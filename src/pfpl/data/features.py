@@ -1,0 +1,124 @@
+"""Image features, computed once per (backbone, dataset, split, preprocessing) and cached on disk.
+
+The cache key is a hash of the backbone's weight fingerprint, the dataset's content fingerprint, the
+split and the preprocessing, so a changed backbone or dataset never reuses stale features. Files are
+written atomically and carry a checksum; a truncated or corrupt file is rebuilt, not crashed on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from pfpl.data.base import VisionDataset
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+
+
+class ImageEncoder(Protocol):
+    fingerprint: str
+    preprocess_id: str
+    preprocess: object
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class Features:
+    """Normalised image features of one split with their labels and domains."""
+
+    features: torch.Tensor  # [N, E] float32
+    labels: torch.Tensor  # [N] int64
+    domains: torch.Tensor  # [N] int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor | np.ndarray) -> "Features":
+        index = torch.as_tensor(index, dtype=torch.long)
+        return Features(self.features[index], self.labels[index], self.domains[index])
+
+
+def cache_key(encoder: ImageEncoder, dataset: VisionDataset, split: str) -> str:
+    text = f"v{FORMAT_VERSION}|{encoder.fingerprint}|{dataset.name}:{dataset.fingerprint}|{split}|{encoder.preprocess_id}"
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _read(path: Path, key: str) -> Features | None:
+    """The cached features, or None when the file is missing, stale, truncated or corrupt."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in ("features", "labels", "domains")}
+        ok = meta.get("key") == key and meta.get("checksum") == _checksum(tensors)
+        ok = ok and tensors["features"].shape[0] == tensors["labels"].shape[0] == tensors["domains"].shape[0]
+    except Exception as exc:  # safetensors raises several error types on damaged files
+        log.warning("feature cache %s is unreadable (%s); rebuilding it", path, exc)
+        return None
+    if not ok:
+        log.warning("feature cache %s failed its integrity check; rebuilding it", path)
+        return None
+    return Features(**tensors)
+
+
+def _write(path: Path, key: str, feats: Features, meta: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {"features": feats.features.contiguous(), "labels": feats.labels.contiguous(),
+               "domains": feats.domains.contiguous()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp), metadata={"key": key, "checksum": _checksum(tensors), **meta})
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def encode_split(encoder: ImageEncoder, dataset: VisionDataset, split: str, batch_size: int = 256) -> Features:
+    """Run the frozen image tower over one split (no cache)."""
+    data = dataset.split(split)
+    chunks = []
+    for start in range(0, len(data), batch_size):
+        batch = [encoder.preprocess(data.load(i)) for i in range(start, min(start + batch_size, len(data)))]
+        chunks.append(encoder.encode_images(torch.stack(batch)).float().cpu())
+    feats = torch.cat(chunks) if chunks else torch.empty(0, 0)
+    return Features(feats, torch.as_tensor(data.labels, dtype=torch.long), torch.as_tensor(data.domains, dtype=torch.long))
+
+
+def image_features(encoder: ImageEncoder, dataset: VisionDataset, split: str, cache_dir: Path | str | None,
+                   batch_size: int = 256) -> Features:
+    """Features of ``split``, from the cache when a valid entry exists, else computed and cached."""
+    if cache_dir is None:
+        return encode_split(encoder, dataset, split, batch_size)
+    key = cache_key(encoder, dataset, split)
+    path = Path(cache_dir) / "features" / f"{dataset.name}-{split}-{key}.safetensors"
+    cached = _read(path, key)
+    if cached is not None:
+        return cached
+    if path.exists():
+        path.unlink()
+    feats = encode_split(encoder, dataset, split, batch_size)
+    meta = {"dataset": dataset.name, "split": split, "backbone": encoder.fingerprint,
+            "dataset_fingerprint": dataset.fingerprint, "preprocess": json.dumps(encoder.preprocess_id)}
+    _write(path, key, feats, meta)
+    return feats

@@ -1,0 +1,44 @@
+"""Quality of a backbone on a dataset: linear probe, zero-shot and centralised CoOp, overall and
+per domain. These are the figures the embedded model's manifest and docs/embedded.md record."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from pfpl.backbones.openclip import OpenClipBackbone
+from pfpl.backbones.prompt_tower import PromptTower
+from pfpl.data.base import VisionDataset
+from pfpl.data.features import image_features
+from pfpl.evaluation.metrics import accuracy_report
+from pfpl.evaluation.probe import linear_probe
+from pfpl.evaluation.zeroshot import zero_shot
+from pfpl.prompts.coop import few_shot, fit_coop
+
+
+def measure_quality(backbone: OpenClipBackbone, dataset: VisionDataset, cache_dir: Path | None,
+                    shots: int = 16, n_ctx: int = 16, seed: int = 0, template: str = "a photo of a {}.",
+                    coop_epochs: int = 30, coop_lr: float = 0.002) -> dict:
+    t0 = time.time()
+    train, val, test = (image_features(backbone, dataset, s, cache_dir) for s in ("train", "val", "test"))
+    names, domains = dataset.classnames, dataset.domainnames
+    probe = linear_probe(train, val, test, len(names))
+    zs = zero_shot(backbone, test, names, domains, template)
+    tower = PromptTower(backbone, names, n_ctx)
+    ctx = fit_coop(tower, few_shot(train, shots, seed), backbone.logit_scale, epochs=coop_epochs, lr=coop_lr, seed=seed)
+    with torch.no_grad():
+        coop_pred = (test.features @ tower(ctx)[0].t()).argmax(-1)
+    return {
+        "backbone": backbone.name,
+        "backbone_fingerprint": backbone.fingerprint,
+        "dataset": dataset.name,
+        "dataset_fingerprint": dataset.fingerprint,
+        "test_images": len(test),
+        "linear_probe": accuracy_report(probe["pred"], test.labels, test.domains, domains) | {"l2": probe["l2"]},
+        "zero_shot": zs | {"template": template},
+        "coop": accuracy_report(coop_pred, test.labels, test.domains, domains)
+        | {"shots": shots, "n_ctx": n_ctx, "epochs": coop_epochs, "lr": coop_lr, "seed": seed},
+        "seconds": round(time.time() - t0, 1),
+    }

@@ -1,0 +1,49 @@
+"""Shared tiny fixtures: random tiny CLIPs, a tiny shapes dataset, and a network guard."""
+
+from __future__ import annotations
+
+import socket
+
+import open_clip
+import pytest
+import torch
+from open_clip.tokenizer import SimpleTokenizer
+
+from pfpl.backbones.openclip import OpenClipBackbone
+from pfpl.data.shapes_dataset import ShapesDataset
+
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"layers": [1, 1, 1, 1], "width": 8, "image_size": 32, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+def tiny_backbone(seed: int = 0) -> OpenClipBackbone:
+    from pfpl.backbones.embedded import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(TINY_CONFIG)
+    return OpenClipBackbone(model, f"tiny-{seed}", open_clip.image_transform(32, is_train=False), SimpleTokenizer())
+
+
+@pytest.fixture
+def tiny() -> OpenClipBackbone:
+    return tiny_backbone(0)
+
+
+@pytest.fixture
+def tiny_dataset() -> ShapesDataset:
+    return ShapesDataset(seed=1, per_class_domain={"train": 1, "val": 1, "test": 1}, image_size=32)
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to open a network connection fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[1:] if len(args) > 1 else args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
