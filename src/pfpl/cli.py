@@ -10,7 +10,9 @@ from pathlib import Path
 
 from pfpl.backbones import BackboneError, load_backbone
 from pfpl.config import Config, ConfigError, load_config
+from pfpl.artifacts import CheckpointError
 from pfpl.data import DatasetError, build_dataset
+from pfpl.data.partitions import PartitionError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -83,9 +85,46 @@ def cmd_pretrain_embedded(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_table(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    setup = summary["setup"]
+    table = Table(title=f"{setup['backbone']} on {setup['dataset']}: {setup['n_clients']} clients, "
+                        f"{setup['partition']} split, {setup['rounds']} rounds (mean ± std over clients)")
+    table.add_column("method")
+    table.add_column("local", justify="right")
+    table.add_column("neighbor", justify="right")
+    rows = [("zero-shot", summary["zero_shot"])] + list(summary["methods"].items())
+    for name, m in rows:
+        table.add_row(name, f"{m['local']:.2%} ± {m['local_std']:.2%}", f"{m['neighbor']:.2%} ± {m['neighbor_std']:.2%}")
+    Console().print(table)
+    print(f"run folder: {summary['run_dir']}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    # The main job. Until the federated engine lands, it evaluates the default backbone zero-shot.
-    return cmd_zeroshot(args)
+    from pfpl.federation.runner import new_run_dir, progress_bar, resume, run
+
+    if args.resume and (args.config or args.overrides):
+        raise ConfigError("config error: --resume continues with the run folder's own config; drop --config/--set")
+    cfg = load_config(args.config, args.overrides) if not args.resume else None
+    total = None if cfg is None else len(cfg.train.methods) * cfg.federation.rounds
+    with progress_bar(total or 0, enabled=not args.json and not args.quiet and sys.stderr.isatty()) as bar:
+        task = bar.add_task("training", total=total) if bar else None
+
+        def progress(method: str, done: int, rounds: int) -> None:
+            if bar:
+                bar.update(task, advance=1, description=f"{method} round {done}/{rounds}")
+
+        if args.resume:
+            summary = resume(args.resume, progress)
+        else:
+            summary = run(cfg, args.out or new_run_dir(cfg), progress=progress)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _print_table(summary)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,8 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="the main job on the configured benchmark")
+    p = sub.add_parser("run", help="the main job: every configured method on the benchmark, a table at the end")
     _add_config_args(p)
+    p.add_argument("--out", type=Path, help="run folder (default: output_dir/run-<time>)")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a killed run from its checkpoint")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("zeroshot", help="zero-shot accuracy of a backbone on a dataset, overall and per domain")
@@ -122,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
-    except (ConfigError, BackboneError, DatasetError, FileNotFoundError) as exc:
+    except (ConfigError, BackboneError, DatasetError, PartitionError, CheckpointError, FileNotFoundError) as exc:
         print(f"pfpl: {exc}", file=sys.stderr)
         return 2
 

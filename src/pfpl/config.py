@@ -41,6 +41,34 @@ class PromptConfig(Section):
     template: str = Field("a photo of a {}.", description="hand-crafted zero-shot template")
 
 
+MethodName = Literal["coop", "promptfl", "fedotp", "fedpgp", "dplora", "dpfpl"]
+ALL_METHODS: list[str] = ["coop", "promptfl", "fedotp", "fedpgp", "dplora", "dpfpl"]
+
+
+class FederationConfig(Section):
+    n_clients: int = Field(10, ge=1)
+    partition: Literal["iid", "pathological", "dirichlet", "domain", "domain_class"] = "pathological"
+    alpha: float = Field(0.3, gt=0, description="Dirichlet concentration (partition = dirichlet)")
+    classes_per_client: int | None = Field(None, ge=1, description="partition = domain_class")
+    rounds: int = Field(12, ge=1)
+    local_steps: int = Field(0, ge=0, description="steps per round; 0 = one local epoch")
+    batch_size: int = Field(32, ge=1)
+    sync: Literal["step", "fedavg"] = Field("step", description="step: DP-FPL's per-step gradient averaging")
+    participation: float = Field(1.0, gt=0, le=1, description="fraction of clients sampled per round")
+
+
+class TrainConfig(Section):
+    methods: list[MethodName] = Field(default_factory=lambda: list(ALL_METHODS), min_length=1)
+    lr: float = Field(0.5, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    cosine: bool = True
+    rank: int = Field(8, ge=1, description="rank of DP-FPL / DP-LoRA / FedPGP local factors")
+    fedpgp_mu: float = Field(1.0, ge=0)
+    fedpgp_temperature: float = Field(0.5, gt=0)
+    max_sequences: int = Field(4096, ge=1, description="text-tower sequences per chunk (memory budget)")
+
+
 class Config(Section):
     seed: int = Field(0, ge=0)
     cache_dir: Path = Path(".pfpl-cache")
@@ -48,6 +76,8 @@ class Config(Section):
     backbone: BackboneConfig = BackboneConfig()
     data: DataConfig = DataConfig()
     prompt: PromptConfig = PromptConfig()
+    federation: FederationConfig = FederationConfig()
+    train: TrainConfig = TrainConfig()
 
 
 def _parse_value(raw: str) -> Any:

@@ -43,7 +43,8 @@ def test_captions_name_the_class_and_often_the_style():
         label, domain = i % 40, i % 5
         cap = shapes.caption_item(spec, i, label, domain, epoch=0)
         colour, shape = shapes.class_names()[label].split()
-        assert colour in cap and shape in cap
+        assert shape in cap
+        assert colour in cap or shapes.STYLES[domain] == "night"
         with_style += any(w in cap for w in shapes.STYLE_WORDS[shapes.STYLES[domain]])
     assert 0.4 < with_style / 200 < 0.8
 

@@ -1,0 +1,1 @@
+"""Federated prompt-learning methods (DESIGN §1), vectorized over clients."""

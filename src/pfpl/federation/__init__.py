@@ -1,0 +1,1 @@
+"""The in-process simulator engine and the run driver (DESIGN §4)."""
