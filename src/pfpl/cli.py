@@ -13,6 +13,7 @@ from pfpl.config import Config, ConfigError, load_config
 from pfpl.artifacts import CheckpointError
 from pfpl.data import DatasetError, build_dataset
 from pfpl.data.partitions import PartitionError
+from pfpl.privacy.accounting import PrivacyConfigError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -67,7 +68,7 @@ def cmd_pretrain_embedded(args: argparse.Namespace) -> int:
     settings = {"seed": args.seed}
     if args.steps:
         settings["steps"] = args.steps
-    model, record = pretrain(settings, workers=args.workers)
+    model, record = pretrain(settings, workers=args.workers, log=lambda line: print(line, flush=True))
     manifest = {"name": "embedded", "config": EMBEDDED_CONFIG, "pretraining": record,
                 "command": "pfpl pretrain-embedded" + (f" --seed {args.seed}" if args.seed else "")}
     save_embedded(model, manifest, out)
@@ -95,9 +96,16 @@ def _print_table(summary: dict) -> None:
     table.add_column("method")
     table.add_column("local", justify="right")
     table.add_column("neighbor", justify="right")
+    table.add_column("ε (δ)", justify="right")
     rows = [("zero-shot", summary["zero_shot"])] + list(summary["methods"].items())
     for name, m in rows:
-        table.add_row(name, f"{m['local']:.2%} ± {m['local_std']:.2%}", f"{m['neighbor']:.2%} ± {m['neighbor_std']:.2%}")
+        privacy = m.get("privacy", {})
+        eps = m.get("epsilon")
+        eps_text = "—" if name == "zero-shot" else "∞" if eps is None else f"{eps:.2f} ({privacy.get('delta'):g})"
+        if privacy.get("nominal"):
+            eps_text += " nominal"
+        table.add_row(name, f"{m['local']:.2%} ± {m['local_std']:.2%}", f"{m['neighbor']:.2%} ± {m['neighbor_std']:.2%}",
+                      eps_text)
     Console().print(table)
     print(f"run folder: {summary['run_dir']}")
 
@@ -149,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coop-epochs", type=int, default=30)
     p.set_defaults(func=cmd_quality)
 
+    from pfpl.bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
+
     p = sub.add_parser("pretrain-embedded", help="pretrain the embedded tiny CLIP on the shapes world")
     p.add_argument("--out", type=Path, help="output folder (default: the package's assets folder)")
     p.add_argument("--seed", type=int, default=0)
@@ -164,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
-    except (ConfigError, BackboneError, DatasetError, PartitionError, CheckpointError, FileNotFoundError) as exc:
+    except (ConfigError, BackboneError, DatasetError, PartitionError, CheckpointError, PrivacyConfigError,
+            FileNotFoundError) as exc:
         print(f"pfpl: {exc}", file=sys.stderr)
         return 2
 

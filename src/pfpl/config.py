@@ -69,6 +69,21 @@ class TrainConfig(Section):
     max_sequences: int = Field(4096, ge=1, description="text-tower sequences per chunk (memory budget)")
 
 
+class DPConfig(Section):
+    mode: Literal["off", "feature", "per-sample", "reference"] = Field(
+        "off", description="feature: clip/noise per-sample text-feature gradients; per-sample: exact per-sample "
+                           "gradients of the private leaves; reference: the published code's batch clipping (nominal ε)")
+    target_epsilon: float | None = Field(None, gt=0, description="calibrate σ to this ε of the released prompt (inf = no noise)")
+    noise_multiplier: float = Field(0.0, ge=0, description="σ when no target_epsilon is given")
+    delta: float = Field(1e-5, gt=0, lt=1)
+    clip: float = Field(10.0, gt=0, description="per-sample clip norm C")
+    sampling: Literal["poisson", "shuffle"] = Field("poisson", description="poisson: amplification by subsampling is claimed")
+    accountant: Literal["rdp", "prv"] = "rdp"
+    global_dp: bool = Field(True, description="per-sample mode: GDP noise on the aggregated global gradient")
+    client_clip: float = Field(0.0, ge=0, description="client-level DP: clip each client's global update to S (0 = off)")
+    client_noise_multiplier: float = Field(0.0, ge=0)
+
+
 class Config(Section):
     seed: int = Field(0, ge=0)
     cache_dir: Path = Path(".pfpl-cache")
@@ -78,6 +93,7 @@ class Config(Section):
     prompt: PromptConfig = PromptConfig()
     federation: FederationConfig = FederationConfig()
     train: TrainConfig = TrainConfig()
+    dp: DPConfig = DPConfig()
 
 
 def _parse_value(raw: str) -> Any:

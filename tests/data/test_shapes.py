@@ -44,7 +44,7 @@ def test_captions_name_the_class_and_often_the_style():
         cap = shapes.caption_item(spec, i, label, domain, epoch=0)
         colour, shape = shapes.class_names()[label].split()
         assert shape in cap
-        assert colour in cap or shapes.STYLES[domain] == "night"
+        assert colour in cap or shapes.STYLES[domain] in shapes.COLOUR_MENTION_RATE
         with_style += any(w in cap for w in shapes.STYLE_WORDS[shapes.STYLES[domain]])
     assert 0.4 < with_style / 200 < 0.8
 

@@ -8,6 +8,7 @@ the checkpoint and continues to the same final metrics as an uninterrupted run o
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import nullcontext
 from datetime import datetime, timezone
@@ -27,6 +28,7 @@ from pfpl.data.partitions import make_partition
 from pfpl.evaluation.federated import EvalPlan, evaluate_clients
 from pfpl.evaluation.zeroshot import zero_shot_text_features
 from pfpl.federation.simulator import EngineSettings, Simulator, steps_per_round
+from pfpl.privacy.mechanisms import build_privacy, validate_dp
 
 
 def engine_settings(cfg: Config) -> EngineSettings:
@@ -72,6 +74,11 @@ class Benchmark:
         return evaluate_clients(text_features, self.test, self.plan)
 
 
+def _finite(value: float) -> float | None:
+    """ε for JSON: ``None`` stands for ∞ (no privacy)."""
+    return None if math.isinf(value) else float(value)
+
+
 def _headline(result: dict) -> dict:
     return {k: result[k] for k in ("local", "local_std", "neighbor", "neighbor_std")}
 
@@ -89,6 +96,7 @@ def new_run_dir(cfg: Config) -> Path:
 def run(cfg: Config, run_dir: Path, state: dict | None = None,
         progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Train and evaluate every method of ``cfg`` into ``run_dir``; ``state`` resumes a checkpoint."""
+    validate_dp(cfg.dp, cfg.train.methods)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "checkpoint.pt"
     config_dump = json.loads(cfg.model_dump_json())
@@ -106,6 +114,7 @@ def run(cfg: Config, run_dir: Path, state: dict | None = None,
         if name in state["completed"]:
             continue
         sim = bench.simulator(name)
+        plan = build_privacy(sim, cfg.dp, cfg.federation.rounds, name)
         current = state.get("current")
         if current and current["method"] == name:
             sim.load_state_dict(current["sim"])
@@ -113,11 +122,17 @@ def run(cfg: Config, run_dir: Path, state: dict | None = None,
             t0 = time.time()
             info = sim.run_round()
             result = bench.evaluate(sim.text_features())
+            eps = plan.epsilons(sim.participations) if plan else [math.inf] * sim.n_clients
             history.append({"method": name, "round": sim.round, **_headline(result), **info,
-                            "seconds": round(time.time() - t0, 3)})
+                            "epsilon": _finite(max(eps)), "seconds": round(time.time() - t0, 3)})
             state["current"] = {"method": name, "sim": sim.state_dict()}
             if sim.round == cfg.federation.rounds:
-                state["completed"][name] = {**_headline(result), "per_client": result["per_client"]}
+                state["completed"][name] = {
+                    **_headline(result), "epsilon": _finite(max(eps)),
+                    "epsilon_per_client": [_finite(e) for e in eps],
+                    "privacy": plan.describe() if plan else {"mode": "off"},
+                    "client_level_epsilon": plan.client_level_epsilon(cfg.federation.rounds) if plan else None,
+                    "per_client": result["per_client"]}
                 state["current"] = None
             artifacts.save_checkpoint(ckpt_path, state)
             artifacts.write_jsonl(run_dir / "metrics.jsonl", history)

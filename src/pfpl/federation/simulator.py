@@ -38,6 +38,7 @@ class EngineSettings:
     weight_decay: float = 5e-4
     cosine: bool = True
     seed: int = 0
+    sampling: str = "shuffle"  # "shuffle": a permutation per round; "poisson": each record with prob b/n per step
 
 
 def _generator(*key: int) -> torch.Generator:
@@ -86,7 +87,8 @@ class VectorSGD:
 
 
 def batch_gradients(sim: "Simulator", views: Views, text: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                    mask: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                    mask: torch.Tensor, active: torch.Tensor | None = None,
+                    gen: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Non-private gradients: each client's mean cross-entropy over its batch, one backward pass.
 
     Clients' parameters are disjoint slices, so the summed loss gives every client exactly its own
@@ -104,7 +106,8 @@ def batch_gradients(sim: "Simulator", views: Views, text: torch.Tensor, x: torch
     return dict(zip(names, grads)), per_client.detach()
 
 
-def mean_aggregate(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def mean_aggregate(values: torch.Tensor, weights: torch.Tensor, active: torch.Tensor | None = None,
+                   gen: torch.Generator | None = None) -> torch.Tensor:
     """Weighted mean over the client dimension."""
     w = weights / weights.sum()
     return torch.einsum("b,b...->...", w, values)
@@ -127,18 +130,22 @@ class Simulator:
         self.params = method.init(self.n_clients, tower.n_ctx, tower.backbone.ctx_dim, gen)
         self.opt = VectorSGD(settings.momentum, settings.weight_decay)
         self.round = 0
+        self.participations = torch.zeros(self.n_clients, dtype=torch.long)  # rounds each client took part in
+        # privacy hook points: DP replaces these (pfpl.privacy.mechanisms.Privatizer)
         self.gradients: Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor]] = batch_gradients
-        self.aggregate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = mean_aggregate
+        self.aggregate: Callable[..., torch.Tensor] = mean_aggregate
 
     # ---- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"round": self.round, "params": {k: v.clone() for k, v in self.params.items()},
-                "buffers": {k: v.clone() for k, v in self.opt.buffers.items()}}
+                "buffers": {k: v.clone() for k, v in self.opt.buffers.items()},
+                "participations": self.participations.clone()}
 
     def load_state_dict(self, state: dict) -> None:
         self.round = int(state["round"])
         self.params = {k: v.clone() for k, v in state["params"].items()}
         self.opt.buffers = {k: v.clone() for k, v in state["buffers"].items()}
+        self.participations = state["participations"].clone()
 
     # ---- one round ---------------------------------------------------------------------------
     def lr(self, round_index: int) -> float:
@@ -153,9 +160,16 @@ class Simulator:
         gen = _generator(self.s.seed, 11, round_index)
         return torch.randperm(self.n_clients, generator=gen)[:k].sort().values
 
+    def expected_batch(self) -> torch.Tensor:
+        """Each client's expected batch size: ``min(b, n_i)`` (Poisson rate q_i = that / n_i)."""
+        return torch.tensor([min(self.s.batch_size, len(ix)) for ix in self.clients], dtype=torch.float32)
+
     def batches(self, round_index: int, active: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per step: features [B, b, E], labels [B, b], mask [B, b]; each client walks a fresh
-        permutation of its data every round (wrapping when a round is longer than an epoch)."""
+        permutation of its data every round (wrapping when a round is longer than an epoch), or,
+        with Poisson sampling, takes each of its records independently with probability b/n_i."""
+        if self.s.sampling == "poisson":
+            return self._poisson_batches(round_index, active)
         b = self.s.batch_size
         orders = []
         for c in active.tolist():
@@ -175,6 +189,22 @@ class Simulator:
                 ys.append(F.pad(self.train.labels[take], (0, pad)))
                 ms.append(torch.cat([torch.ones(len(take)), torch.zeros(pad)]))
             out.append((torch.stack(xs), torch.stack(ys), torch.stack(ms)))
+        return out
+
+    def _poisson_batches(self, round_index: int, active: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        rates = self.expected_batch() / torch.tensor([len(ix) for ix in self.clients], dtype=torch.float32)
+        out = []
+        for step in range(self.local_steps):
+            takes = []
+            for c in active.tolist():
+                gen = _generator(self.s.seed, 31, round_index, step, c)
+                idx = self.clients[c]
+                takes.append(idx[torch.rand(len(idx), generator=gen) < rates[c]])
+            width = max(1, max(len(t) for t in takes))
+            xs = torch.stack([F.pad(self.train.features[t], (0, 0, 0, width - len(t))) for t in takes])
+            ys = torch.stack([F.pad(self.train.labels[t], (0, width - len(t))) for t in takes])
+            ms = torch.stack([torch.cat([torch.ones(len(t)), torch.zeros(width - len(t))]) for t in takes])
+            out.append((xs, ys, ms))
         return out
 
     def _slice(self, active: torch.Tensor, copies: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
@@ -201,7 +231,7 @@ class Simulator:
             gen = _generator(self.s.seed, 17, r, step)
             views = self.method.views(self._slice(active, copies), gen)
             text = self.tower(views.ctx[:, None])
-            leaf_grads, loss = self.gradients(self, views, text, x, y, mask)
+            leaf_grads, loss = self.gradients(self, views, text, x, y, mask, active, _generator(self.s.seed, 23, r, step))
             grads = self.method.param_grads(views, leaf_grads)
             losses.append(loss)
             with torch.no_grad():
@@ -211,12 +241,14 @@ class Simulator:
                     if fedavg:  # each client's own optimizer state for its copy of the global prompt
                         self.opt.step_rows(f"{name}@client", copies[name], grads[name], lr, active, self.n_clients)
                     else:
-                        self.opt.step(name, self.params[name], self.aggregate(grads[name], weights), lr)
+                        mean = self.aggregate(grads[name], weights, active, _generator(self.s.seed, 29, r, step))
+                        self.opt.step(name, self.params[name], mean, lr)
         if copies is not None:
             with torch.no_grad():
                 for name in self.method.global_params:
                     update = copies[name] - self.params[name]
-                    self.params[name] += self.aggregate(update, weights)
+                    self.params[name] += self.aggregate(update, weights, active, _generator(self.s.seed, 37, r))
+        self.participations[active] += 1
         self.round += 1
         return {"loss": float(torch.stack(losses).mean()), "lr": lr, "participants": len(active)}
 
