@@ -135,6 +135,49 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from datetime import datetime, timezone
+
+    from pfpl.federation.runner import progress_bar
+    from pfpl.federation.sweep import DEFAULT_EPSILONS, parse_epsilons, run_sweep, sweep_configs
+
+    cfg = _setup(args)
+    try:
+        epsilons = parse_epsilons(args.epsilons) if args.epsilons else list(DEFAULT_EPSILONS)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    sweep_configs(cfg, epsilons)  # every combination is checked before any training
+    folder = args.out or cfg.output_dir / f"sweep-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+    total = len(epsilons) * len(cfg.train.methods) * cfg.federation.rounds
+    with progress_bar(total, enabled=not args.json and sys.stderr.isatty()) as bar:
+        task = bar.add_task("sweep", total=total) if bar else None
+
+        def progress(label: str, method: str, done: int, rounds: int) -> None:
+            if bar:
+                bar.update(task, advance=1, description=f"ε={label} {method} {done}/{rounds}")
+
+        table = run_sweep(cfg, epsilons, folder, progress)
+    if args.json:
+        print(json.dumps(table))
+    else:
+        _print_sweep(table)
+        print(f"sweep folder: {folder}")
+    return 0
+
+
+def _print_sweep(table: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"local / neighbor accuracy by target ε ({table['mode']} mode, δ = {table['delta']:g})")
+    t.add_column("method")
+    for label in table["epsilons"]:
+        t.add_column("ε=∞" if label == "inf" else f"ε={label}", justify="right")
+    for m, by_eps in table["methods"].items():
+        t.add_row(m, *[f"{r['local']:.1%} / {r['neighbor']:.1%}" for r in by_eps.values()])
+    Console().print(t)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pfpl", description="Private, personalized federated prompt learning.")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -146,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a killed run from its checkpoint")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sweep", help="privacy–utility sweep: target ε × methods, a table and a plot")
+    _add_config_args(p)
+    p.add_argument("--epsilons", help="comma-separated targets, e.g. 0.1,1,8,inf (default: 0.1,0.5,1,2,4,8,inf)")
+    p.add_argument("--out", type=Path, help="sweep folder (default: output_dir/sweep-<time>)")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("zeroshot", help="zero-shot accuracy of a backbone on a dataset, overall and per domain")
     _add_config_args(p)

@@ -50,7 +50,7 @@ class FederationConfig(Section):
     partition: Literal["iid", "pathological", "dirichlet", "domain", "domain_class"] = "pathological"
     alpha: float = Field(0.3, gt=0, description="Dirichlet concentration (partition = dirichlet)")
     classes_per_client: int | None = Field(None, ge=1, description="partition = domain_class")
-    rounds: int = Field(12, ge=1)
+    rounds: int = Field(20, ge=1)
     local_steps: int = Field(0, ge=0, description="steps per round; 0 = one local epoch")
     batch_size: int = Field(32, ge=1)
     sync: Literal["step", "fedavg"] = Field("step", description="step: DP-FPL's per-step gradient averaging")
@@ -59,7 +59,7 @@ class FederationConfig(Section):
 
 class TrainConfig(Section):
     methods: list[MethodName] = Field(default_factory=lambda: list(ALL_METHODS), min_length=1)
-    lr: float = Field(0.5, gt=0)
+    lr: float = Field(0.02, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     cosine: bool = True

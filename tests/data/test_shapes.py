@@ -60,3 +60,21 @@ def test_dataset_interface_and_fingerprint():
     assert same.fingerprint == ds.fingerprint
     assert ShapesDataset(seed=1, image_size=32).fingerprint != ds.fingerprint
     assert ShapesDataset(seed=0, per_class_domain={"train": 3}, image_size=32).fingerprint != ds.fingerprint
+
+
+def test_backgrounds_use_another_class_colour_and_captions_sometimes_name_them():
+    spec = shapes.WorldSpec(seed=0)
+    labels, domains = shapes.sample_layout(4)
+    seen, named = 0, 0
+    for i, (y, d) in enumerate(zip(labels.tolist(), domains.tolist())):
+        bg = shapes.background_item(spec, "pretrain", i, y, d)
+        if shapes.STYLES[d] not in shapes.BACKGROUND_STYLES:
+            assert bg is None
+            continue
+        if bg is None:
+            continue
+        seen += 1
+        assert bg != shapes.class_names()[y].split()[0]
+        named += f"on a {bg} background" in shapes.caption_item(spec, i, y, d, epoch=0)
+    assert 0.35 < seen / (len(labels) * 3 / 5) < 0.65
+    assert 0.3 < named / seen < 0.7

@@ -18,7 +18,7 @@ from open_clip.model import CLIP
 EMBEDDED_NAME = "embedded"
 EMBEDDED_CONFIG: dict[str, Any] = {
     "embed_dim": 128,
-    "vision_cfg": {"layers": [1, 1, 1, 1], "width": 24, "image_size": 64, "head_width": 32},
+    "vision_cfg": {"layers": [1, 1, 1, 1], "width": 32, "image_size": 64, "head_width": 32},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3},
 }
 WEIGHTS_FILE = "embedded.safetensors"

@@ -22,7 +22,7 @@ from pfpl.data import shapes
 
 PRETRAIN_DEFAULTS: dict[str, Any] = {
     "seed": 0,
-    "steps": 700,
+    "steps": 900,
     "batch_size": 256,
     "lr": 1e-3,
     "weight_decay": 0.1,

@@ -39,10 +39,16 @@ _PLAIN_TEMPLATES = ("a {cls}.", "the {shape} is {colour}.", "a {shape} coloured 
 # Colours are hard to see at night and paintings are described by their subject, so those
 # captions often leave the colour out: the hand-crafted "a photo of a {colour} {shape}." fits
 # night images and paintings worse, which gives (domain-level) prompts something to learn.
-COLOUR_MENTION_RATE: dict[str, float] = {"night": 0.2, "painting": 0.5}
+COLOUR_MENTION_RATE: dict[str, float] = {"night": 0.35}
+# Scenes often have a background in one of the class colours, which captions sometimes name
+# ("a red star on a blue background"). A hand-crafted prompt then has to bind the colour to the
+# object, a classic weakness of CLIP-style zero-shot that a probe or a learned prompt can overcome.
+BACKGROUND_STYLES = ("photo", "painting", "clipart")
+BACKGROUND_COLOUR_RATE = 0.5
+BACKGROUND_MENTION_RATE = 0.5
 
 # Bump when rendering changes: it is part of every dataset fingerprint.
-RENDER_VERSION = 1
+RENDER_VERSION = 2
 _STREAMS = {"pretrain": 0, "train": 1, "val": 2, "test": 3}
 
 
@@ -110,8 +116,9 @@ def _blotches(rng: np.random.Generator, size: int, grid: int, lo: float, hi: flo
     return np.asarray(img, dtype=np.float32) / 255.0
 
 
-def render(shape: str, colour: str, style: str, rng: np.random.Generator, size: int = 64) -> np.ndarray:
-    """Render one image as uint8 ``[size, size, 3]``."""
+def render(shape: str, colour: str, style: str, rng: np.random.Generator, size: int = 64,
+           background: str | None = None) -> np.ndarray:
+    """Render one image as uint8 ``[size, size, 3]``; ``background`` names a class colour for the scene."""
     ss = 2 * size  # supersampled canvas for anti-aliasing
     r = rng.uniform(0.22, 0.36) * ss
     margin = r * 1.15
@@ -129,8 +136,11 @@ def render(shape: str, colour: str, style: str, rng: np.random.Generator, size: 
     col = np.clip(base + rng.normal(0, 0.05, 3), 0, 1).astype(np.float32)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
 
+    bg_tint = None if background is None else np.array(COLOURS[background], np.float32) / 255.0
     if style == "photo":
         c0, c1 = rng.uniform(0.25, 0.75, size=(2, 3))
+        if bg_tint is not None:
+            c0, c1 = 0.3 * c0 + 0.7 * bg_tint, 0.3 * c1 + 0.7 * bg_tint
         t = (xx * rng.uniform(-1, 1) + yy * rng.uniform(-1, 1))[..., None]
         bg = c0 + (c1 - c0) * (t - t.min()) / (np.ptp(t) + 1e-6)
         light = 0.8 + 0.4 * ((xx - cx / ss) * rng.uniform(-1, 1) + (yy - cy / ss) * rng.uniform(-1, 1))[..., None]
@@ -145,6 +155,8 @@ def render(shape: str, colour: str, style: str, rng: np.random.Generator, size: 
         img = img * (1 - 0.35 * fill * hatch * (1 - edge)) + 0.35 * ink * fill * hatch * (1 - edge)
     elif style == "painting":
         bg = _blotches(rng, size, 4, 0.25, 0.8)
+        if bg_tint is not None:
+            bg = 0.35 * bg + 0.65 * bg_tint
         obj = np.clip(col + _blotches(rng, size, 6, 0.0, 0.24) - 0.12, 0, 1)
         soft = np.asarray(
             Image.fromarray((fill[..., 0] * 255).astype(np.uint8), "L").filter(ImageFilter.GaussianBlur(1.2)),
@@ -157,6 +169,8 @@ def render(shape: str, colour: str, style: str, rng: np.random.Generator, size: 
         ) / 255.0
     elif style == "clipart":
         bg = np.ones((size, size, 3), np.float32) * rng.uniform(0.75, 1.0, 3)
+        if bg_tint is not None:
+            bg = 0.25 * bg + 0.75 * bg_tint
         img = bg * (1 - fill) + col * fill
         img = img * (1 - edge) + 0.05 * edge
     elif style == "night":
@@ -169,9 +183,17 @@ def render(shape: str, colour: str, style: str, rng: np.random.Generator, size: 
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def caption(shape: str, colour: str, style: str, rng: np.random.Generator, style_rate: float = 0.6) -> str:
-    """A caption that names the shape, the colour (always, except often at night) and, with
-    probability ``style_rate``, the style."""
+def caption(shape: str, colour: str, style: str, rng: np.random.Generator, style_rate: float = 0.6,
+            background: str | None = None) -> str:
+    """A caption that names the shape, the colour (always, except often at night), with probability
+    ``style_rate`` the style, and sometimes a coloured background."""
+    text = _caption(shape, colour, style, rng, style_rate)
+    if background is not None and rng.random() < BACKGROUND_MENTION_RATE:
+        text = text[:-1] + f" on a {background} background."
+    return text
+
+
+def _caption(shape: str, colour: str, style: str, rng: np.random.Generator, style_rate: float) -> str:
     cls = f"{colour} {shape}"
     if rng.random() >= COLOUR_MENTION_RATE.get(style, 1.0):
         cls = shape
@@ -211,17 +233,30 @@ def sample_layout(n_per_class_domain: int) -> tuple[np.ndarray, np.ndarray]:
     return labels.astype(np.int64), domains.astype(np.int64)
 
 
+def background_item(spec: WorldSpec, stream: str, index: int, label: int, domain: int) -> str | None:
+    """The class colour of image ``index``'s background, if it has one (never the object's colour)."""
+    if STYLES[domain] not in BACKGROUND_STYLES:
+        return None
+    rng = np.random.default_rng(np.random.SeedSequence([spec.seed, _STREAMS[stream], index, 7]))
+    if rng.random() >= BACKGROUND_COLOUR_RATE:
+        return None
+    others = [c for c in COLOURS if c != list(COLOURS)[label // len(SHAPES)]]
+    return others[int(rng.integers(len(others)))]
+
+
 def render_item(spec: WorldSpec, stream: str, index: int, label: int, domain: int) -> np.ndarray:
     """Image ``index`` of a stream; a pure function of its arguments."""
     colour, shape = list(COLOURS)[label // len(SHAPES)], SHAPES[label % len(SHAPES)]
-    return render(shape, colour, STYLES[domain], _rng(spec.seed, stream, index), spec.image_size)
+    background = background_item(spec, stream, index, label, domain)
+    return render(shape, colour, STYLES[domain], _rng(spec.seed, stream, index), spec.image_size, background)
 
 
 def caption_item(spec: WorldSpec, index: int, label: int, domain: int, epoch: int, style_rate: float = 0.6) -> str:
     """Caption of pretraining image ``index``; a fresh wording each epoch."""
     colour, shape = list(COLOURS)[label // len(SHAPES)], SHAPES[label % len(SHAPES)]
     rng = np.random.default_rng(np.random.SeedSequence([spec.seed, 99, index, epoch]))
-    return caption(shape, colour, STYLES[domain], rng, style_rate)
+    background = background_item(spec, "pretrain", index, label, domain)
+    return caption(shape, colour, STYLES[domain], rng, style_rate, background)
 
 
 def render_stream(spec: WorldSpec, stream: str, labels: np.ndarray, domains: np.ndarray) -> np.ndarray:

@@ -104,6 +104,11 @@ def run(cfg: Config, run_dir: Path, state: dict | None = None,
         state = {"config": config_dump, "completed": {}, "history": [], "current": None}
         artifacts.write_json(run_dir / "config.json", config_dump)
     bench = Benchmark(cfg)
+    fingerprints = {"backbone": bench.backbone.fingerprint, "dataset": bench.dataset.fingerprint}
+    if state.setdefault("fingerprints", fingerprints) != fingerprints:
+        raise artifacts.CheckpointError(
+            f"{run_dir} was trained with backbone/dataset fingerprints {state['fingerprints']}, but they are now "
+            f"{fingerprints}; resuming would mix two different models or datasets")
     artifacts.write_json(run_dir / "partition.json", {"scheme": bench.partition.scheme,
                                                       "params": bench.partition.params,
                                                       "clients": bench.counts_table()})
@@ -127,6 +132,9 @@ def run(cfg: Config, run_dir: Path, state: dict | None = None,
                             "epsilon": _finite(max(eps)), "seconds": round(time.time() - t0, 3)})
             state["current"] = {"method": name, "sim": sim.state_dict()}
             if sim.round == cfg.federation.rounds:
+                artifacts.save_checkpoint(run_dir / f"prompts-{name}.pt", {
+                    "context": sim.personalized_context(), "params": sim.params,
+                    "clients": [torch.as_tensor(ix) for ix in bench.partition.clients]})
                 state["completed"][name] = {
                     **_headline(result), "epsilon": _finite(max(eps)),
                     "epsilon_per_client": [_finite(e) for e in eps],
@@ -138,7 +146,6 @@ def run(cfg: Config, run_dir: Path, state: dict | None = None,
             artifacts.write_jsonl(run_dir / "metrics.jsonl", history)
             if progress:
                 progress(name, sim.round, cfg.federation.rounds)
-        torch.save(sim.personalized_context(), run_dir / f"prompts-{name}.pt")
     summary = {
         "methods": {m: state["completed"][m] for m in cfg.train.methods},
         "zero_shot": zero_shot,
@@ -146,7 +153,8 @@ def run(cfg: Config, run_dir: Path, state: dict | None = None,
         "seconds": round(time.time() - t_start, 1),
         "setup": {"backbone": bench.backbone.name, "dataset": bench.dataset.name, "seed": cfg.seed,
                   "n_clients": cfg.federation.n_clients, "partition": cfg.federation.partition,
-                  "rounds": cfg.federation.rounds, "local_steps": steps_per_round(bench.partition.sizes(), engine_settings(cfg)), "sync": cfg.federation.sync},
+                  "rounds": cfg.federation.rounds, "sync": cfg.federation.sync, "dp": cfg.dp.mode,
+                  "local_steps": steps_per_round(bench.partition.sizes(), engine_settings(cfg))},
     }
     artifacts.write_json(run_dir / "summary.json", summary)
     artifacts.write_summary_csv(run_dir / "summary.csv", summary)

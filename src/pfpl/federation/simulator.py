@@ -39,6 +39,7 @@ class EngineSettings:
     cosine: bool = True
     seed: int = 0
     sampling: str = "shuffle"  # "shuffle": a permutation per round; "poisson": each record with prob b/n per step
+    train_global: bool = True  # False: the global prompt stays fixed (e.g. audit shadows on a released global prompt)
 
 
 def _generator(*key: int) -> torch.Generator:
@@ -237,13 +238,13 @@ class Simulator:
             with torch.no_grad():
                 for name in self.method.local_params:
                     self.opt.step(name, self.params[name], grads[name], lr, active)
-                for name in self.method.global_params:
+                for name in self.method.global_params if self.s.train_global else ():
                     if fedavg:  # each client's own optimizer state for its copy of the global prompt
                         self.opt.step_rows(f"{name}@client", copies[name], grads[name], lr, active, self.n_clients)
                     else:
                         mean = self.aggregate(grads[name], weights, active, _generator(self.s.seed, 29, r, step))
                         self.opt.step(name, self.params[name], mean, lr)
-        if copies is not None:
+        if copies is not None and self.s.train_global:
             with torch.no_grad():
                 for name in self.method.global_params:
                     update = copies[name] - self.params[name]

@@ -1,0 +1,120 @@
+"""``pfpl sweep``: the privacy–utility trade-off, ε × methods on one benchmark.
+
+Every ε is an ordinary run folder inside the sweep folder, so an interrupted sweep resumes by
+skipping finished runs and continuing a killed one from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+from pfpl import artifacts
+from pfpl.config import Config, build_config
+from pfpl.federation.runner import resume, run
+from pfpl.privacy.mechanisms import validate_dp
+
+DEFAULT_EPSILONS = (0.1, 0.5, 1.0, 2.0, 4.0, 8.0, math.inf)
+
+
+def parse_epsilons(text: str) -> list[float]:
+    values = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        value = math.inf if item in ("inf", "∞") else float(item)
+        if not value > 0:
+            raise ValueError(f"--epsilons: ε must be > 0 (or inf), got {item!r}")
+        values.append(value)
+    return values
+
+
+def _label(eps: float) -> str:
+    return "inf" if math.isinf(eps) else f"{eps:g}"
+
+
+def sweep_configs(cfg: Config, epsilons: list[float]) -> dict[str, Config]:
+    """One config per ε (∞ = no DP); every one is validated before any training starts."""
+    mode = cfg.dp.mode if cfg.dp.mode != "off" else "feature"
+    out = {}
+    for eps in epsilons:
+        data = json.loads(cfg.model_dump_json())
+        if math.isinf(eps):
+            data["dp"].update(mode="off", target_epsilon=None, noise_multiplier=0.0)
+        else:
+            data["dp"].update(mode=mode, target_epsilon=eps, noise_multiplier=0.0)
+        sub = build_config(data)
+        validate_dp(sub.dp, sub.train.methods)
+        out[_label(eps)] = sub
+    return out
+
+
+def run_sweep(cfg: Config, epsilons: list[float], folder: Path,
+              progress: Callable[[str, str, int, int], None] | None = None) -> dict:
+    configs = sweep_configs(cfg, epsilons)
+    folder.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for label, sub in configs.items():
+        run_dir = folder / f"eps-{label}"
+        cb = (lambda m, d, t, label=label: progress(label, m, d, t)) if progress else None
+        if (run_dir / "summary.json").exists():
+            summary = json.loads((run_dir / "summary.json").read_text())
+        elif (run_dir / "checkpoint.pt").exists():
+            summary = resume(run_dir, cb)
+        else:
+            summary = run(sub, run_dir, progress=cb)
+        results[label] = summary
+    table = {
+        "epsilons": list(configs),
+        "mode": cfg.dp.mode if cfg.dp.mode != "off" else "feature",
+        "delta": cfg.dp.delta,
+        "methods": {m: {label: {k: results[label]["methods"][m][k] for k in ("local", "neighbor", "epsilon")}
+                        for label in configs} for m in cfg.train.methods},
+        "zero_shot": next(iter(results.values()))["zero_shot"] if results else None,
+    }
+    artifacts.write_json(folder / "sweep.json", table)
+    _write_csv(folder / "sweep.csv", table)
+    plot_sweep(folder / "sweep.png", table)
+    return table
+
+
+def _write_csv(path: Path, table: dict) -> None:
+    lines = ["method,target_epsilon,achieved_epsilon,local,neighbor"]
+    for m, by_eps in table["methods"].items():
+        for label, r in by_eps.items():
+            achieved = "inf" if r["epsilon"] is None else f"{r['epsilon']:.4f}"
+            lines.append(f"{m},{label},{achieved},{r['local']:.4f},{r['neighbor']:.4f}")
+    artifacts.atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def plot_sweep(path: Path, table: dict) -> None:
+    """Local and neighbor accuracy against ε, one line per method (∞ drawn at the right end)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = table["epsilons"]
+    finite = [float(x) for x in labels if x != "inf"]
+    right = (max(finite) * 4) if finite else 1.0
+    xs = [right if x == "inf" else float(x) for x in labels]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, key in zip(axes, ("local", "neighbor")):
+        for i, (m, by_eps) in enumerate(table["methods"].items()):
+            ax.plot(xs, [by_eps[x][key] for x in labels], marker="o", label=m, color=f"C{i}")
+        if table.get("zero_shot"):
+            ax.axhline(table["zero_shot"][key], ls="--", color="gray", label="zero-shot")
+        ax.set_xscale("log")
+        ax.set_xticks(xs, [("∞" if x == "inf" else x) for x in labels])
+        ax.set_xlabel(f"target ε (δ = {table['delta']:g}, {table['mode']} mode)")
+        ax.set_title(f"{key} accuracy")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (mean over clients)")
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    artifacts.atomic_write_bytes(path, buf.getvalue())

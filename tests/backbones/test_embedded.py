@@ -1,0 +1,53 @@
+"""The committed embedded model: loads offline, is what its manifest says, and meets the quality bar."""
+
+import json
+
+import pytest
+import torch
+
+from pfpl.backbones import load_backbone
+from pfpl.backbones.embedded import EMBEDDED_CONFIG, MANIFEST_FILE, WEIGHTS_FILE, assets_dir, load_embedded
+
+
+def test_weights_are_small_and_described():
+    weights = assets_dir() / WEIGHTS_FILE
+    assert weights.stat().st_size <= 25 * 1024 * 1024
+    manifest = json.loads((assets_dir() / MANIFEST_FILE).read_text())
+    assert manifest["config"] == EMBEDDED_CONFIG
+    assert manifest["pretraining"]["settings"]["seed"] == 0
+    assert {"linear_probe", "zero_shot", "coop"} <= set(manifest["quality"])
+
+
+def test_loads_offline_without_touching_the_network(no_network):
+    backbone = load_backbone("embedded", device="cpu")
+    assert backbone.name == "embedded" and backbone.ctx_dim == EMBEDDED_CONFIG["text_cfg"]["width"]
+    assert backbone.text.causal
+    again = load_backbone("embedded", device="cpu")
+    assert again.fingerprint == backbone.fingerprint
+
+
+def test_manifest_quality_meets_the_bar():
+    q = load_embedded()[1]["quality"]
+    zs, probe, coop = q["zero_shot"]["accuracy"], q["linear_probe"]["accuracy"], q["coop"]["accuracy"]
+    assert probe >= 0.85
+    assert 0.35 <= zs <= 0.75
+    assert coop >= zs + 0.15
+    per_domain = q["zero_shot"]["per_domain"].values()
+    assert max(per_domain) - min(per_domain) > 0.1, "zero-shot accuracy should differ by style"
+
+
+def test_zero_shot_recomputed_matches_the_manifest(tmp_path):
+    """The manifest's zero-shot figure is reproduced by the project's own code on the held-out split."""
+    from pfpl.config import load_config
+    from pfpl.data import build_dataset
+    from pfpl.data.features import image_features
+    from pfpl.evaluation.zeroshot import zero_shot
+
+    cfg = load_config()
+    backbone = load_backbone("embedded", device="cpu")
+    dataset = build_dataset(cfg.data)
+    test = image_features(backbone, dataset, "test", tmp_path)
+    result = zero_shot(backbone, test, dataset.classnames, dataset.domainnames, cfg.prompt.template)
+    manifest = load_embedded()[1]["quality"]["zero_shot"]
+    assert result["accuracy"] == pytest.approx(manifest["accuracy"], abs=1e-6)
+    assert backbone.fingerprint == load_embedded()[1]["quality"]["backbone_fingerprint"]
