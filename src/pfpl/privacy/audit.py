@@ -276,7 +276,7 @@ def audit_targets(tower, scale: float, training: ShadowTraining, targets: list[A
         raise AuditError("the shadow-model attack needs at least 2 shadows (or 0 to skip it)")
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xA0D1]))
     feats, labels, domains, clients = [], [], [], []
-    plan = []  # per target: (offset of A, n_A, in-mask, offset of P, n_P, pool-mask or None)
+    plan = []  # per target: (offset of its audit records, their number, LiRA in-mask, offset of its pool, pool mask or None)
     offset = 0
     n_dom = 1 + max(int(f.domains.max()) for t in targets for f in (t.members, t.nonmembers, t.shadow_pool)
                     if f is not None and len(f))
@@ -564,8 +564,8 @@ def audit_many(paths: list[Path], out_dir: Path | None = None, **kw) -> dict:
 
 
 def plot_audit(path: Path, rows: list[dict]) -> None:
-    """AUC and TPR at 1% FPR against the accountant's ε, one line per method (its strongest attack
-    at each ε: the highest AUC); ∞ (no DP) drawn at the right end; chance dashed."""
+    """AUC and TPR at 1% FPR against the accountant's ε, one line per method; each point is the best
+    attack on that metric (max over attacks); ∞ (no DP) drawn at the right end; chance dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -575,20 +575,18 @@ def plot_audit(path: Path, rows: list[dict]) -> None:
 
     finite = [r["accountant_epsilon"] for r in rows if r["accountant_epsilon"] is not None]
     right = max(finite) * 4 if finite else 1.0
-    x_of = lambda e: right if e is None else max(float(e), 1e-3)
+    x_of = lambda e: right if e is None else max(float(f"{float(e):.3g}"), 1e-3)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     for i, m in enumerate(methods):
-        best: dict[tuple, dict] = {}
-        for r in rows:
-            if r["method"] == m:
-                key = (r["run_dir"],)
-                if key not in best or r["auc"] > best[key]["auc"]:
-                    best[key] = r
-        pts = sorted(best.values(), key=lambda r: x_of(r["accountant_epsilon"]))
-        xs = [x_of(r["accountant_epsilon"]) for r in pts]
         for ax, key in zip(axes, ("auc", "tpr_at_1pct_fpr")):
-            ax.plot(xs, [r[key] for r in pts], marker="o", color=f"C{i}", label=m)
+            best: dict[str, dict] = {}
+            for r in rows:
+                if r["method"] == m and (r["run_dir"] not in best or r[key] > best[r["run_dir"]][key]):
+                    best[r["run_dir"]] = r
+            pts = sorted(best.values(), key=lambda r: x_of(r["accountant_epsilon"]))
+            ax.plot([x_of(r["accountant_epsilon"]) for r in pts], [r[key] for r in pts], marker="o",
+                    color=f"C{i}", label=m)
     ticks = sorted({x_of(r["accountant_epsilon"]) for r in rows})
     for ax, key, chance, title in ((axes[0], "auc", 0.5, "ROC AUC"), (axes[1], "tpr_at_1pct_fpr", 0.01, "TPR at 1% FPR")):
         ax.axhline(chance, ls="--", color="gray", label="chance")
@@ -596,7 +594,7 @@ def plot_audit(path: Path, rows: list[dict]) -> None:
         ax.set_xticks(ticks, ["∞" if t == right and not any(x_of(e) == t for e in finite) else f"{t:.3g}" for t in ticks])
         ax.minorticks_off()
         ax.set_xlabel("accountant ε of the released prompt (∞ = no DP)")
-        ax.set_title(f"{title} (strongest attack per point)")
+        ax.set_title(f"{title} (best attack per point)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
