@@ -27,6 +27,19 @@ def tiny_backbone(seed: int = 0) -> OpenClipBackbone:
     return OpenClipBackbone(model, f"tiny-{seed}", open_clip.image_transform(32, is_train=False), SimpleTokenizer())
 
 
+CLASSES = ["red circle", "blue star", "green ring", "yellow arrow", "red cross", "blue square"]
+
+
+def random_train_features(backbone: OpenClipBackbone, n: int, seed: int = 0):
+    """``n`` random unit image features labelled round-robin over :data:`CLASSES`."""
+    from pfpl.data.features import Features
+
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % len(CLASSES)
+    feats = torch.nn.functional.normalize(torch.randn(n, backbone.model.text_projection.shape[1], generator=gen), dim=-1)
+    return Features(feats, labels, torch.zeros(n, dtype=torch.long))
+
+
 @pytest.fixture
 def tiny() -> OpenClipBackbone:
     return tiny_backbone(0)

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from pfpl.backbones import load_backbone
 from pfpl.backbones.embedded import EMBEDDED_CONFIG, MANIFEST_FILE, WEIGHTS_FILE, assets_dir, load_embedded

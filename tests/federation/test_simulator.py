@@ -5,20 +5,15 @@ import torch
 from pfpl.algorithms import methods as M
 from pfpl.algorithms.base import MethodSettings
 from pfpl.backbones.prompt_tower import PromptTower
-from pfpl.data.features import Features
 from pfpl.prompts.factorization import orthonormalise
 from pfpl.federation.simulator import EngineSettings, Simulator, VectorSGD, batch_gradients
 
-CLASSES = ["red circle", "blue star", "green ring", "yellow arrow", "red cross", "blue square"]
+from conftest import CLASSES, random_train_features
 
 
 @pytest.fixture
 def world(tiny):
-    gen = torch.Generator().manual_seed(0)
-    n = 60
-    labels = torch.arange(n) % len(CLASSES)
-    feats = torch.nn.functional.normalize(torch.randn(n, tiny.model.text_projection.shape[1], generator=gen), dim=-1)
-    train = Features(feats, labels, torch.zeros(n, dtype=torch.long))
+    train = random_train_features(tiny, 60)
     clients = [np.arange(0, 20), np.arange(20, 45), np.arange(45, 60)]
     tower = PromptTower(tiny, CLASSES, n_ctx=4)
     reference = tiny.encode_text([f"a photo of a {c}." for c in CLASSES])

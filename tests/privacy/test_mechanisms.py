@@ -13,16 +13,12 @@ from pfpl.federation.simulator import EngineSettings, Simulator, batch_gradients
 from pfpl.privacy.accounting import PrivacyConfigError
 from pfpl.privacy.mechanisms import DPSettings, Privatizer, build_privacy, validate_dp
 
-CLASSES = ["red circle", "blue star", "green ring", "yellow arrow", "red cross", "blue square"]
+from conftest import CLASSES, random_train_features
 
 
 @pytest.fixture
 def world(tiny):
-    gen = torch.Generator().manual_seed(0)
-    n = 48
-    labels = torch.arange(n) % len(CLASSES)
-    feats = torch.nn.functional.normalize(torch.randn(n, tiny.model.text_projection.shape[1], generator=gen), dim=-1)
-    train = Features(feats, labels, torch.zeros(n, dtype=torch.long))
+    train = random_train_features(tiny, 48)
     return tiny, train, [np.arange(0, 24), np.arange(24, 48)]
 
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import dp_accounting
 import numpy as np
 from dp_accounting.rdp import RdpAccountant
-from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants import PRVAccountant
 from opacus.accountants.analysis import rdp as opacus_rdp
 
 __all__ = [
