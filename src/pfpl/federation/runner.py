@@ -129,7 +129,8 @@ def run(cfg: Config, run_dir: Path, state: dict | None = None,
             result = bench.evaluate(sim.text_features())
             eps = plan.epsilons(sim.participations) if plan else [math.inf] * sim.n_clients
             history.append({"method": name, "round": sim.round, **_headline(result), **info,
-                            "epsilon": _finite(max(eps)), "seconds": round(time.time() - t0, 3)})
+                            "epsilon": _finite(max(eps)), "epsilon_per_client": [_finite(e) for e in eps],
+                            "seconds": round(time.time() - t0, 3)})
             state["current"] = {"method": name, "sim": sim.state_dict()}
             if sim.round == cfg.federation.rounds:
                 artifacts.save_checkpoint(run_dir / f"prompts-{name}.pt", {

@@ -67,6 +67,11 @@ def clipped_text_gradient(scale: float, x: torch.Tensor, text: torch.Tensor, y: 
                           clip: float) -> torch.Tensor:
     """Σ_n clip_C(∂ℓ_n/∂T) per client ``[B, C, E]``: the sum feature mode adds its noise to."""
     err, norms, _ = per_sample_text_grads(scale, x, text, y, mask)
+    return _clipped_sum(scale, err, norms, x, mask, clip)
+
+
+def _clipped_sum(scale: float, err: torch.Tensor, norms: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
+                 clip: float) -> torch.Tensor:
     factor = _clip_factor(norms, clip) * mask
     return scale * torch.einsum("bnc,bne->bce", err * factor[..., None], x)
 
@@ -110,8 +115,8 @@ class Privatizer:
         return torch.randn(shape, generator=gen) * std
 
     def _feature(self, sim, views, text, x, y, mask, active, gen):
-        _, _, loss = per_sample_text_grads(sim.scale, x, text, y, mask)
-        grad_t = clipped_text_gradient(sim.scale, x, text, y, mask, self.s.clip)
+        err, norms, loss = per_sample_text_grads(sim.scale, x, text, y, mask)
+        grad_t = _clipped_sum(sim.scale, err, norms, x, mask, self.s.clip)
         grad_t = grad_t + self._noise(tuple(grad_t.shape), self.s.noise_multiplier * self.s.clip, gen)
         grad_t = grad_t / self.expected_batch[active].view(-1, 1, 1)
         names = list(views.leaves)
