@@ -207,8 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quality)
 
     from pfpl.bench import add_parser as add_bench_parser
+    from pfpl.cli_audit import add_parser as add_audit_parser
 
     add_bench_parser(sub)
+    add_audit_parser(sub)
 
     p = sub.add_parser("pretrain-embedded", help="pretrain the embedded tiny CLIP on the shapes world")
     p.add_argument("--out", type=Path, help="output folder (default: the package's assets folder)")
