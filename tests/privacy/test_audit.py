@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,3 +178,31 @@ def test_bad_audit_requests_are_one_line_and_exit_2(tmp_path, capsys, args, mess
     code = cli_audit.main([a.format(**paths) for a in args])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("pfpl audit: ") and message in err[0], err
+
+
+@pytest.mark.slow
+def test_pfpl_audit_config_trains_audits_and_writes_the_report(tmp_path, capsys):
+    """End to end on the embedded benchmark, tiny: ``--config`` trains a run, then audits it."""
+    from pfpl import cli_audit
+
+    sets = ["federation.n_clients=4", "federation.partition='iid'", "federation.rounds=2", "federation.local_steps=2",
+            "data.train_per_class_domain=1", "data.val_per_class_domain=1", "data.test_per_class_domain=2",
+            "prompt.n_ctx=2", "train.rank=1", "train.methods=['coop', 'promptfl', 'dpfpl']",
+            f"cache_dir='{tmp_path / 'cache'}'"]
+    config = Path(__file__).resolve().parents[2] / "configs" / "audit.toml"
+    args = ["--config", str(config), "--out", str(tmp_path / "run"), "--clients", "0,1", "--shadows", "2",
+            "--json"]
+    for s in sets:
+        args += ["--set", s]
+    assert cli_audit.main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "run" / "audit.json").is_file() and (tmp_path / "run" / "audit.png").is_file()
+    assert set(report["methods"]) == {"coop", "promptfl", "dpfpl"}
+    for name in ("loss", "calibrated_loss", "lira_online", "lira_offline", "shadow_model"):
+        row = report["attacks"][name]
+        assert 0 <= row["auc"] <= 1 and 0 <= row["tpr_at_1pct_fpr"] <= 1 and row["eps_lower_bound"] >= 0
+    coop = report["methods"]["coop"]
+    assert set(coop["per_client"]) == {"0", "1"}
+    assert coop["attacks"]["loss"]["n_members"] == coop["attacks"]["loss"]["n_nonmembers"]
+    assert report["methods"]["promptfl"]["shadows"]["design"].startswith("personal copy")
+    assert report["violations"] == []
