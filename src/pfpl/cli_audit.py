@@ -5,7 +5,7 @@
     pfpl audit --config FILE [--set KEY=VALUE ...] [--epsilons 1,4,8,inf]
                                         # first train an audit-sized run (or an ε sweep), then audit it
 
-Bad inputs (no such run folder, a method the run does not have, K < 2, …) are one line on stderr
+Bad inputs (no such run folder, a method the run does not have, K < 4, …) are one line on stderr
 and exit status 2.
 """
 
@@ -65,7 +65,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--methods", nargs="+", metavar="METHOD", help="methods to audit (default: every method of the run)")
     p.add_argument("--clients", type=_int_list, help="target clients, e.g. 0,1,2 or 0-3 (default: all)")
     p.add_argument("--shadows", type=int, default=DEFAULT_SHADOWS,
-                   help="LiRA shadow prompts per target client, K >= 2 (default: %(default)s)")
+                   help="LiRA shadow prompts per target client, K >= 4 (default: %(default)s)")
     p.add_argument("--shadow-model-shadows", type=int, dest="shokri_shadows",
                    help="shadows of the shadow-model attack per client (default: max(2, K/2); 0 skips that attack)")
     p.add_argument("--members", type=int, help="audit a random N of each client's training records (default: all)")
@@ -79,14 +79,15 @@ def _table(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"membership-inference audit of {report['run_dir']} (δ = {report['delta']:g}; "
-                    f"ε lower bound at {report['confidence']:.0%} confidence)")
-    for col in ("method", "accountant ε", "attack", "AUC", "TPR@1%FPR", "TPR@0.1%FPR", "acc", "ε lower bound"):
+    t = Table(title=f"membership-inference audit of {report['run_dir']}", caption=(
+        f"ε: the accountant's (∞ = no DP); TPR at 1% / 0.1% FPR; acc: best balanced accuracy; ε LB: empirical "
+        f"ε lower bound at δ = {report['delta']:g}, {report['confidence']:.0%} confidence (pooled over clients)"))
+    for col in ("method", "ε", "attack", "AUC", "TPR@1%", "TPR@.1%", "acc", "ε LB"):
         t.add_column(col, justify="left" if col in ("method", "attack") else "right")
     for m, r in report["methods"].items():
         eps = "∞" if r["accountant_epsilon"] is None else f"{r['accountant_epsilon']:.2f}"
         if r.get("nominal"):
-            eps += " nominal"
+            eps += " (nominal)"
         for i, (name, a) in enumerate(r["attacks"].items()):
             t.add_row(m if i == 0 else "", eps if i == 0 else "", name, f"{a['auc']:.3f}", f"{a['tpr_at_1pct_fpr']:.3f}",
                       f"{a['tpr_at_0.1pct_fpr']:.3f}", f"{a['accuracy']:.3f}", f"{a['eps_lower_bound']:.2f}")
@@ -120,7 +121,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def _audit(args: argparse.Namespace) -> int:
     from pfpl.config import ConfigError, load_config
-    from pfpl.privacy.audit import AuditError, audit_many
+    from pfpl.privacy.audit import AuditError, audit_many, check_shadows
 
     if args.config and args.run_dirs:
         raise AuditError("give either RUN_DIR(s) or --config, not both")
@@ -128,8 +129,7 @@ def _audit(args: argparse.Namespace) -> int:
         raise AuditError("give a run folder to audit (pfpl audit RUN_DIR) or a config to train one (--config FILE)")
     if not args.config and (args.overrides or args.epsilons):
         raise AuditError("--set and --epsilons only apply with --config")
-    if args.shadows < 2:
-        raise AuditError(f"--shadows must be at least 2 (LiRA needs shadows with and without each record), got {args.shadows}")
+    check_shadows(args.shadows)
     if args.shokri_shadows is not None and (args.shokri_shadows < 0 or args.shokri_shadows == 1):
         raise AuditError(f"--shadow-model-shadows must be 0 (skip) or at least 2, got {args.shokri_shadows}")
     if args.members is not None and args.members < 1:

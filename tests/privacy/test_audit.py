@@ -157,7 +157,8 @@ def _fake_run(folder, methods=("coop",)):
 
 @pytest.mark.parametrize("args, message", [
     (["{missing}"], "no run folder"),
-    (["{run}", "--shadows", "1"], "--shadows must be at least 2"),
+    (["{run}", "--shadows", "1"], "--shadows must be at least 4"),
+    (["{run}", "--shadows", "3"], "--shadows must be at least 4"),
     (["{run}", "--methods", "dpfpl"], "method 'dpfpl' is not in run"),
     (["{run}", "--clients", "0-5"], "client 2 does not exist"),
     (["{run}", "--members", "0"], "--members must be at least 1"),
@@ -180,9 +181,8 @@ def test_bad_audit_requests_are_one_line_and_exit_2(tmp_path, capsys, args, mess
     assert code == 2 and len(err) == 1 and err[0].startswith("pfpl audit: ") and message in err[0], err
 
 
-@pytest.mark.slow
 def test_pfpl_audit_config_trains_audits_and_writes_the_report(tmp_path, capsys):
-    """End to end on the embedded benchmark, tiny: ``--config`` trains a run, then audits it."""
+    """End to end on the embedded benchmark, tiny (~6 s): ``--config`` trains a run, then audits it."""
     from pfpl import cli_audit
 
     sets = ["federation.n_clients=4", "federation.partition='iid'", "federation.rounds=2", "federation.local_steps=2",
@@ -190,7 +190,7 @@ def test_pfpl_audit_config_trains_audits_and_writes_the_report(tmp_path, capsys)
             "prompt.n_ctx=2", "train.rank=1", "train.methods=['coop', 'promptfl', 'dpfpl']",
             f"cache_dir='{tmp_path / 'cache'}'"]
     config = Path(__file__).resolve().parents[2] / "configs" / "audit.toml"
-    args = ["--config", str(config), "--out", str(tmp_path / "run"), "--clients", "0,1", "--shadows", "2",
+    args = ["--config", str(config), "--out", str(tmp_path / "run"), "--clients", "0,1", "--shadows", "4",
             "--json"]
     for s in sets:
         args += ["--set", s]

@@ -59,10 +59,17 @@ from pfpl.privacy.audit_metrics import summarize
 ATTACKS = ("loss", "calibrated_loss", "lira_online", "lira_offline", "shadow_model")
 NONMEMBER_SPLIT = "val"
 SHADOW_SPLIT = "test"
+MIN_SHADOWS = 4  # LiRA shadows per target: complementary pairs put every record in 2 and out of 2
 
 
 class AuditError(ValueError):
     """A bad audit request (missing run folder, unknown method, too few shadows, …): one line."""
+
+
+def check_shadows(k: int) -> None:
+    if k < MIN_SHADOWS:
+        raise AuditError(f"--shadows must be at least {MIN_SHADOWS} (LiRA fits per-record Gaussians: every record "
+                         f"needs 2 shadows that trained on it and 2 that did not), got {k}")
 
 
 # --- data: members, non-members, shadow pool -------------------------------------------------------
@@ -262,13 +269,12 @@ def audit_targets(tower, scale: float, training: ShadowTraining, targets: list[A
                   log: Callable[[str], None] | None = None) -> AuditResult:
     """Train the shadows of every target (one simulator), score every attack, summarise.
 
-    ``shadows`` (K ≥ 2) LiRA shadows per target train on stratified halves of its members ∪
+    ``shadows`` (K ≥ 4) LiRA shadows per target train on stratified halves of its members ∪
     non-members; ``shokri_shadows`` (default max(2, K // 2); 0 disables the shadow-model attack)
     train on halves of its shadow pool. Scores of all targets are pooled per attack (one ROC over
     every audited record) and also summarised per client.
     """
-    if shadows < 2:
-        raise AuditError(f"--shadows must be at least 2 (LiRA needs shadows with and without each record), got {shadows}")
+    check_shadows(shadows)
     if not targets:
         raise AuditError("no target clients to audit")
     k_s = max(2, shadows // 2) if shokri_shadows is None else shokri_shadows
@@ -276,7 +282,8 @@ def audit_targets(tower, scale: float, training: ShadowTraining, targets: list[A
         raise AuditError("the shadow-model attack needs at least 2 shadows (or 0 to skip it)")
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xA0D1]))
     feats, labels, domains, clients = [], [], [], []
-    plan = []  # per target: (offset of its audit records, their number, LiRA in-mask, offset of its pool, pool mask or None)
+    # per target: (offset of its audit records, their number, LiRA in-mask, offset of its pool, pool mask or None)
+    plan = []
     offset = 0
     n_dom = 1 + max(int(f.domains.max()) for t in targets for f in (t.members, t.nonmembers, t.shadow_pool)
                     if f is not None and len(f))
@@ -419,8 +426,7 @@ def audit_run(run_dir: Path, methods: list[str] | None = None, clients: list[int
     cfg, summary = load_run(run_dir)
     ran = list(summary.get("methods", {}))
     methods = ran if not methods else list(dict.fromkeys(methods))
-    if shadows < 2:
-        raise AuditError(f"--shadows must be at least 2, got {shadows}")
+    check_shadows(shadows)
     if max_members is not None and max_members < 1:
         raise AuditError(f"--members must be at least 1, got {max_members}")
     prompts = {}
@@ -454,9 +460,9 @@ def audit_run(run_dir: Path, methods: list[str] | None = None, clients: list[int
         chosen = _parse_clients(clients, n_clients)
         eps_per_client = result.get("epsilon_per_client") or [None] * n_clients
         privacy = result.get("privacy", {})
+        sigma = privacy.get("noise_multiplier") if privacy.get("mode") in ("feature", "per-sample") else None
         training = ShadowTraining(method=m, engine=engine, method_settings=method_settings(cfg), dp=cfg.dp,
-                                  noise_multiplier=privacy.get("noise_multiplier") if privacy.get("mode") in ("feature", "per-sample") else None,
-                                  released=released["params"], global_weight=0.0)
+                                  noise_multiplier=sigma, released=released["params"])
         targets = []
         for c in chosen:
             index = released["clients"][c].numpy()
@@ -588,10 +594,11 @@ def plot_audit(path: Path, rows: list[dict]) -> None:
             ax.plot([x_of(r["accountant_epsilon"]) for r in pts], [r[key] for r in pts], marker="o",
                     color=f"C{i}", label=m)
     ticks = sorted({x_of(r["accountant_epsilon"]) for r in rows})
-    for ax, key, chance, title in ((axes[0], "auc", 0.5, "ROC AUC"), (axes[1], "tpr_at_1pct_fpr", 0.01, "TPR at 1% FPR")):
+    for ax, chance, title in ((axes[0], 0.5, "ROC AUC"), (axes[1], 0.01, "TPR at 1% FPR")):
         ax.axhline(chance, ls="--", color="gray", label="chance")
         ax.set_xscale("log")
-        ax.set_xticks(ticks, ["∞" if t == right and not any(x_of(e) == t for e in finite) else f"{t:.3g}" for t in ticks])
+        infinite = lambda t: t == right and not any(x_of(e) == t for e in finite)
+        ax.set_xticks(ticks, ["∞" if infinite(t) else f"{t:.3g}" for t in ticks])
         ax.minorticks_off()
         ax.set_xlabel("accountant ε of the released prompt (∞ = no DP)")
         ax.set_title(f"{title} (best attack per point)")
