@@ -200,3 +200,21 @@ def test_invalid_dp_values_are_config_errors(bad):
 
     with pytest.raises(ConfigError, match=bad.split("=")[0]):
         load_config(None, [bad])
+
+
+@pytest.mark.parametrize("sync, steps_per_round", [("step", 2), ("fedavg", 1)])
+def test_client_level_dp_charges_every_aggregation(world, sync, steps_per_round):
+    from pfpl.privacy.accounting import Mechanism, epsilon
+
+    sim = _sim(world, "fedotp", sync=sync)
+    dp = load_config(None, ["dp.client_clip=1.0", "dp.client_noise_multiplier=2.0"]).dp
+    plan = build_privacy(sim, dp, rounds=3, method_name="fedotp")
+    expected = epsilon(Mechanism(2.0, 1.0, 3 * steps_per_round), 1e-5)
+    assert plan.client_level_epsilon(3) == pytest.approx(expected)
+    clip_only = _sim(world, "fedotp", sync=sync)
+    build_privacy(clip_only, load_config(None, ["dp.client_clip=1.0"]).dp, rounds=3, method_name="fedotp")
+    update = torch.tensor([[10.0, 0.0, 0.0], [0.0, 0.5, 0.0]])
+    mean = clip_only.aggregate(update, torch.tensor([1.0, 9.0]), torch.arange(2), torch.Generator())
+    assert torch.allclose(mean, torch.tensor([0.5, 0.25, 0.0]))  # clipped to S, uniform mean
+    noisy = sim.aggregate(update, torch.tensor([1.0, 9.0]), torch.arange(2), torch.Generator().manual_seed(0))
+    assert not torch.allclose(noisy, mean)

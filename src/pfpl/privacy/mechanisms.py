@@ -268,6 +268,7 @@ class PrivacyPlan:
     client_sigma: float = 0.0
     participation: float = 1.0
     unprotected_global: bool = False  # a shared leaf is released without any noise
+    client_steps_per_round: int = 1  # client-level mechanism applications per round (every step in step sync)
 
     def client_mechanisms(self, client: int, rounds: int) -> list[Mechanism]:
         steps = self.steps_per_round[client] * rounds
@@ -288,7 +289,8 @@ class PrivacyPlan:
     def client_level_epsilon(self, rounds: int) -> float | None:
         if self.client_sigma == 0:
             return None
-        return epsilon(Mechanism(self.client_sigma, self.participation, rounds, "client"), self.delta, self.accountant)
+        steps = rounds * self.client_steps_per_round
+        return epsilon(Mechanism(self.client_sigma, self.participation, steps, "client"), self.delta, self.accountant)
 
     def describe(self) -> dict:
         if self.mode == "reference":
@@ -347,4 +349,5 @@ def build_privacy(sim, dp, rounds: int, method_name: str) -> PrivacyPlan | None:
                        has_shared_global=has_shared_global, rates=rates, steps_per_round=steps,
                        nominal_epsilon=nominal, client_sigma=dp.client_noise_multiplier,
                        participation=sim.s.participation,
-                       unprotected_global=dp.mode == "per-sample" and bool(shared) and not dp.global_dp)
+                       unprotected_global=dp.mode == "per-sample" and bool(shared) and not dp.global_dp,
+                       client_steps_per_round=sim.local_steps if sim.s.sync == "step" else 1)
