@@ -50,6 +50,15 @@ def tiny_dataset() -> ShapesDataset:
     return ShapesDataset(seed=1, per_class_domain={"train": 1, "val": 1, "test": 1}, image_size=32)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models' ops are too small to share out: one thread keeps tests fast on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     """Any attempt to open a network connection fails the test."""

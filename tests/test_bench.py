@@ -28,13 +28,7 @@ def assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
     assert float((a - b).abs().max()) <= TOL * scale, (float((a - b).abs().max()), scale)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model's ops are too small to share out; one thread keeps the test fast on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

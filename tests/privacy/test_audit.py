@@ -28,12 +28,7 @@ SETTINGS = MethodSettings(init_std=0.3)
 ENGINE = EngineSettings(rounds=200, local_steps=1, batch_size=64, lr=5.0, cosine=False, seed=5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

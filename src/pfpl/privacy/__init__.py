@@ -2,22 +2,5 @@
 
 from __future__ import annotations
 
-from pfpl.privacy.accounting import (
-    ACCOUNTANTS,
-    Mechanism,
-    PrivacyConfigError,
-    calibrate_noise,
-    epsilon,
-    epsilon_curve,
-    validate,
-)
-
-__all__ = [
-    "ACCOUNTANTS",
-    "Mechanism",
-    "PrivacyConfigError",
-    "calibrate_noise",
-    "epsilon",
-    "epsilon_curve",
-    "validate",
-]
+from pfpl.privacy.accounting import *  # noqa: F403 - the public accounting API, as listed in its __all__
+from pfpl.privacy.accounting import __all__  # noqa: F401
