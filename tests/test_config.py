@@ -43,3 +43,11 @@ def test_missing_and_broken_files(tmp_path):
     bad.write_text("seed = = 3")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+def test_embedded_toml_spells_out_the_defaults():
+    """configs/embedded.toml claims to be the main job's defaults; it must not drift from them."""
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "configs" / "embedded.toml"
+    assert load_config(path, []).model_dump() == load_config(None, []).model_dump()

@@ -53,10 +53,20 @@ def cmd_quality(args: argparse.Namespace) -> int:
     from pfpl.evaluation.quality import measure_quality
 
     cfg = _setup(args)
+    if args.update_manifest and cfg.backbone.name != "embedded":
+        raise ConfigError(f"--update-manifest writes the embedded model's manifest; backbone.name is "
+                          f"{cfg.backbone.name!r}, not 'embedded'")
     backbone, dataset = _backbone(cfg), build_dataset(cfg.data)
     result = measure_quality(backbone, dataset, cfg.cache_dir, shots=args.shots, n_ctx=cfg.prompt.n_ctx,
                              seed=cfg.seed, template=cfg.prompt.template, coop_epochs=args.coop_epochs)
     print(json.dumps(result, indent=None if args.json else 2))
+    if args.update_manifest:
+        from pfpl.backbones.embedded import load_manifest, write_manifest
+
+        folder = Path(cfg.backbone.pretrained) if cfg.backbone.pretrained else None
+        manifest = load_manifest(folder)
+        manifest["quality"], manifest["quality_command"] = result, "pfpl quality --update-manifest"
+        print(f"wrote {write_manifest(manifest, folder)}")
     return 0
 
 
@@ -204,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--shots", type=int, default=16)
     p.add_argument("--coop-epochs", type=int, default=30)
+    p.add_argument("--update-manifest", action="store_true",
+                   help="write the figures into the embedded model's manifest (weights unchanged)")
     p.set_defaults(func=cmd_quality)
 
     from pfpl.bench import add_parser as add_bench_parser

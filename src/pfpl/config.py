@@ -33,6 +33,9 @@ class DataConfig(Section):
     train_per_class_domain: int = Field(20, ge=1)
     val_per_class_domain: int = Field(4, ge=1)
     test_per_class_domain: int = Field(10, ge=1)
+    class_names: Literal["curated", "caption"] = Field(
+        "curated", description="shapes: 'curated' names two colours with words pretraining never saw "
+                               "(room for prompt learning); 'caption' uses the captions' own words")
 
 
 class PromptConfig(Section):

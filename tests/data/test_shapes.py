@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from pfpl.data import shapes
 from pfpl.data.shapes_dataset import ShapesDataset
@@ -78,3 +79,22 @@ def test_backgrounds_use_another_class_colour_and_captions_sometimes_name_them()
         named += f"on a {bg} background" in shapes.caption_item(spec, i, y, d, epoch=0)
     assert 0.35 < seen / (len(labels) * 3 / 5) < 0.65
     assert 0.3 < named / seen < 0.7
+
+
+def test_curated_class_names_use_words_no_pretraining_caption_contains():
+    """The benchmark's curated colour names are the words the embedded model never read."""
+    curated = shapes.class_names("curated")
+    assert len(curated) == len(shapes.class_names()) == len(set(curated))
+    assert [c.split()[1] for c in curated] == [c.split()[1] for c in shapes.class_names()]
+    unseen = {w for c, w in shapes.CURATED_COLOUR_NAMES.items() if w != c}
+    assert len(unseen) == 2
+    spec = shapes.WorldSpec(seed=0)
+    labels, domains = shapes.sample_layout(2)
+    for epoch in range(2):
+        for i, (y, d) in enumerate(zip(labels.tolist(), domains.tolist())):
+            words = set(shapes.caption_item(spec, i, y, d, epoch).replace(",", " ").replace(".", " ").split())
+            assert not words & unseen
+    assert ShapesDataset(image_size=32).classnames == curated
+    assert ShapesDataset(image_size=32, naming="caption").classnames == shapes.class_names()
+    with pytest.raises(ValueError, match="unknown class naming 'fancy'"):
+        shapes.class_names("fancy")

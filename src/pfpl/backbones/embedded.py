@@ -72,5 +72,14 @@ def save_embedded(model: CLIP, manifest: dict[str, Any], folder: Path) -> Path:
     tmp = path.with_suffix(".tmp")
     save_file(state, str(tmp))
     tmp.replace(path)
-    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_manifest(manifest, folder)
+    return path
+
+
+def write_manifest(manifest: dict[str, Any], folder: Path | None = None) -> Path:
+    """Rewrite the manifest only (e.g. re-measured quality); the weights stay as they are."""
+    path = (folder or assets_dir()) / MANIFEST_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(path)
     return path

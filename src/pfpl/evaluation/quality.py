@@ -43,6 +43,7 @@ def measure_quality(backbone: OpenClipBackbone, dataset: VisionDataset, cache_di
         "backbone_fingerprint": backbone.fingerprint,
         "dataset": dataset.name,
         "dataset_fingerprint": dataset.fingerprint,
+        "class_names": list(names),
         "test_images": len(test),
         "linear_probe": accuracy_report(probe["pred"], test.labels, test.domains, domains) | {"l2": probe["l2"]},
         "zero_shot": zs | {"template": template},
