@@ -121,7 +121,8 @@ def pretrain(
 @torch.no_grad()
 def _zero_shot(model: torch.nn.Module, text: TextParts, tokenizer: SimpleTokenizer, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
-    tok = tokenizer([f"a photo of a {c}." for c in shapes.class_names()])
+    # the captions' own colour words: this monitors alignment, not the benchmark's curated names
+    tok = tokenizer([f"a photo of a {c}." for c in shapes.class_names("caption")])
     t = F.normalize(text.forward(text.token_embedding(tok), text.eot_positions(tok)), dim=-1)
     f = F.normalize(model.encode_image(x), dim=-1)
     return float(((f @ t.t()).argmax(-1) == y).float().mean())
