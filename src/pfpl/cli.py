@@ -61,13 +61,19 @@ def cmd_quality(args: argparse.Namespace) -> int:
                              seed=cfg.seed, template=cfg.prompt.template, coop_epochs=args.coop_epochs)
     print(json.dumps(result, indent=None if args.json else 2))
     if args.update_manifest:
-        from pfpl.backbones.embedded import load_manifest, write_manifest
+        from pfpl.backbones.embedded import load_manifest
 
         folder = Path(cfg.backbone.pretrained) if cfg.backbone.pretrained else None
-        manifest = load_manifest(folder)
-        manifest["quality"], manifest["quality_command"] = result, "pfpl quality --update-manifest"
-        print(f"wrote {write_manifest(manifest, folder)}")
+        print(f"wrote {_record_quality(load_manifest(folder), result, 'pfpl quality --update-manifest', folder)}")
     return 0
+
+
+def _record_quality(manifest: dict, quality: dict, command: str, folder: Path | None) -> Path:
+    """Put measured quality into an embedded manifest and rewrite only the manifest file."""
+    from pfpl.backbones.embedded import write_manifest
+
+    manifest["quality"], manifest["quality_command"] = quality, command
+    return write_manifest(manifest, folder)
 
 
 def cmd_pretrain_embedded(args: argparse.Namespace) -> int:
@@ -87,10 +93,8 @@ def cmd_pretrain_embedded(args: argparse.Namespace) -> int:
 
         cfg = load_config(None, [])
         backbone = load_backbone("embedded", str(out), "cpu")
-        manifest["quality"] = measure_quality(backbone, build_dataset(cfg.data), cfg.cache_dir,
-                                              template=cfg.prompt.template)
-        manifest["quality_command"] = "pfpl quality"
-        save_embedded(model, manifest, out)
+        quality = measure_quality(backbone, build_dataset(cfg.data), cfg.cache_dir, template=cfg.prompt.template)
+        _record_quality(manifest, quality, "pfpl quality", out)  # the weights are already written
     print(json.dumps({k: manifest.get(k) for k in ("quality",)}, indent=2))
     print(f"wrote {out}")
     return 0

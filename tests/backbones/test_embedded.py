@@ -5,8 +5,8 @@ import json
 import pytest
 
 from pfpl.backbones import load_backbone
-from pfpl.data import ShapesDataset
 from pfpl.backbones.embedded import EMBEDDED_CONFIG, MANIFEST_FILE, WEIGHTS_FILE, assets_dir, load_embedded
+from pfpl.data import ShapesDataset
 
 
 def test_weights_are_small_and_described():

@@ -21,7 +21,6 @@ class ShapesDataset(VisionDataset):
         self.spec = shapes.WorldSpec(seed=seed, image_size=image_size)
         self.per_class_domain = {"train": 20, "val": 4, "test": 10, **(per_class_domain or {})}
         self.classnames = shapes.class_names(naming)  # names never change pixels
-        self.naming = naming
         self.domainnames = list(shapes.STYLES)
         self.workers = workers
         self._cache: dict[str, np.ndarray] = {}
