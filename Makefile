@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pfpl-installed
 PYTEST_ARGS ?=
 
-.PHONY: run test test-all install clean
+.PHONY: run test test-all lint format install clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -19,10 +19,18 @@ install: $(STAMP)
 run: $(STAMP)  ## set up and run the main job on the embedded default
 	$(VENV)/bin/pfpl run
 
-test: $(STAMP)  ## the test suite, slow tests excluded
+lint: $(STAMP)  ## ruff: lint and format check
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+format: $(STAMP)  ## ruff: fix what can be fixed, then format
+	$(VENV)/bin/ruff check --fix src tests
+	$(VENV)/bin/ruff format src tests
+
+test: lint  ## lint, then the test suite, slow tests excluded
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-test-all: $(STAMP)
+test-all: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:

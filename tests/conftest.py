@@ -1,4 +1,4 @@
-"""Shared tiny fixtures: random tiny CLIPs, a tiny shapes dataset, and a network guard."""
+"""Shared tiny fixtures: random tiny CLIPs, a tiny shapes dataset, random features, a network guard."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 
 from pfpl.backbones.openclip import OpenClipBackbone
+from pfpl.data.features import Features
 from pfpl.data.shapes_dataset import ShapesDataset
 
 TINY_CONFIG = {
@@ -17,9 +18,10 @@ TINY_CONFIG = {
     "vision_cfg": {"layers": [1, 1, 1, 1], "width": 8, "image_size": 32, "head_width": 16},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
 }
+CLASSES = ["red circle", "blue star", "green ring", "yellow arrow", "red cross", "blue square"]
 
 
-def tiny_backbone(seed: int = 0) -> OpenClipBackbone:
+def _tiny_backbone(seed: int = 0) -> OpenClipBackbone:
     from pfpl.backbones.embedded import build_model
 
     torch.manual_seed(seed)
@@ -27,22 +29,42 @@ def tiny_backbone(seed: int = 0) -> OpenClipBackbone:
     return OpenClipBackbone(model, f"tiny-{seed}", open_clip.image_transform(32, is_train=False), SimpleTokenizer())
 
 
-CLASSES = ["red circle", "blue star", "green ring", "yellow arrow", "red cross", "blue square"]
-
-
-def random_train_features(backbone: OpenClipBackbone, n: int, seed: int = 0):
-    """``n`` random unit image features labelled round-robin over :data:`CLASSES`."""
-    from pfpl.data.features import Features
-
+def _random_features(backbone: OpenClipBackbone, n: int, seed: int = 0) -> Features:
     gen = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % len(CLASSES)
-    feats = torch.nn.functional.normalize(torch.randn(n, backbone.model.text_projection.shape[1], generator=gen), dim=-1)
+    feats = torch.nn.functional.normalize(
+        torch.randn(n, backbone.model.text_projection.shape[1], generator=gen), dim=-1
+    )
     return Features(feats, labels, torch.zeros(n, dtype=torch.long))
 
 
 @pytest.fixture
+def tiny_config() -> dict:
+    """The tiny open_clip architecture the tests build random models of."""
+    return TINY_CONFIG
+
+
+@pytest.fixture
+def classes() -> list[str]:
+    return list(CLASSES)
+
+
+@pytest.fixture
+def tiny_backbone():
+    """A factory: ``tiny_backbone(seed)`` is a random tiny CLIP."""
+    return _tiny_backbone
+
+
+@pytest.fixture
 def tiny() -> OpenClipBackbone:
-    return tiny_backbone(0)
+    return _tiny_backbone(0)
+
+
+@pytest.fixture
+def random_features():
+    """A factory: ``random_features(backbone, n, seed)`` is ``n`` random unit image features labelled
+    round-robin over the tiny class list."""
+    return _random_features
 
 
 @pytest.fixture

@@ -6,15 +6,16 @@ what is allowed.
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pfpl.algorithms import METHOD_NAMES
+from pfpl.errors import ConfigError
 
-class ConfigError(ValueError):
-    """An invalid configuration: one line naming the key, the value and what is allowed."""
+__all__ = ["METHOD_NAMES", "Config", "ConfigError", "build_config", "load_config"]
 
 
 class Section(BaseModel):
@@ -34,8 +35,10 @@ class DataConfig(Section):
     val_per_class_domain: int = Field(4, ge=1)
     test_per_class_domain: int = Field(10, ge=1)
     class_names: Literal["curated", "caption"] = Field(
-        "curated", description="shapes: 'curated' names two colours with words pretraining never saw "
-                               "(room for prompt learning); 'caption' uses the captions' own words")
+        "curated",
+        description="shapes: 'curated' names two colours with words pretraining never saw "
+        "(room for prompt learning); 'caption' uses the captions' own words",
+    )
 
 
 class PromptConfig(Section):
@@ -44,8 +47,7 @@ class PromptConfig(Section):
     template: str = Field("a photo of a {}.", description="hand-crafted zero-shot template")
 
 
-MethodName = Literal["coop", "promptfl", "fedotp", "fedpgp", "dplora", "dpfpl"]
-ALL_METHODS: list[str] = ["coop", "promptfl", "fedotp", "fedpgp", "dplora", "dpfpl"]
+MethodName = Literal[METHOD_NAMES]  # type: ignore[valid-type]
 
 
 class FederationConfig(Section):
@@ -61,7 +63,7 @@ class FederationConfig(Section):
 
 
 class TrainConfig(Section):
-    methods: list[MethodName] = Field(default_factory=lambda: list(ALL_METHODS), min_length=1)
+    methods: list[MethodName] = Field(default_factory=lambda: list(METHOD_NAMES), min_length=1)
     lr: float = Field(0.02, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
@@ -74,16 +76,24 @@ class TrainConfig(Section):
 
 class DPConfig(Section):
     mode: Literal["off", "feature", "per-sample", "reference"] = Field(
-        "off", description="feature: clip/noise per-sample text-feature gradients; per-sample: exact per-sample "
-                           "gradients of the private leaves; reference: the published code's batch clipping (nominal ε)")
-    target_epsilon: float | None = Field(None, gt=0, description="calibrate σ to this ε of the released prompt (inf = no noise)")
+        "off",
+        description="feature: clip/noise per-sample text-feature gradients; per-sample: exact per-sample "
+        "gradients of the private leaves; reference: the published code's batch clipping (nominal ε)",
+    )
+    target_epsilon: float | None = Field(
+        None, gt=0, description="calibrate σ to this ε of the released prompt (inf = no noise)"
+    )
     noise_multiplier: float = Field(0.0, ge=0, description="σ when no target_epsilon is given")
     delta: float = Field(1e-5, gt=0, lt=1)
     clip: float = Field(10.0, gt=0, description="per-sample clip norm C")
-    sampling: Literal["poisson", "shuffle"] = Field("poisson", description="poisson: amplification by subsampling is claimed")
+    sampling: Literal["poisson", "shuffle"] = Field(
+        "poisson", description="poisson: amplification by subsampling is claimed"
+    )
     accountant: Literal["rdp", "prv"] = "rdp"
     global_dp: bool = Field(True, description="per-sample mode: GDP noise on the aggregated global gradient")
-    client_clip: float = Field(0.0, ge=0, description="client-level DP: clip each client's global update to S (0 = off)")
+    client_clip: float = Field(
+        0.0, ge=0, description="client-level DP: clip each client's global update to S (0 = off)"
+    )
     client_noise_multiplier: float = Field(0.0, ge=0)
 
 

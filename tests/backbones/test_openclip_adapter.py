@@ -7,8 +7,6 @@ import torch
 from pfpl.backbones import BackboneError, load_backbone
 from pfpl.backbones.openclip import load_open_clip, weights_fingerprint
 
-from conftest import TINY_CONFIG
-
 
 def test_pretrained_tag_offline_fails_with_one_clear_line(no_network, tmp_path):
     with pytest.raises(BackboneError) as err:
@@ -27,10 +25,10 @@ def test_unknown_model_and_tag_and_path_are_named(no_network, tmp_path):
         load_open_clip("RN50", str(tmp_path / "missing.pt"))
 
 
-def test_any_model_name_loads_a_local_checkpoint(no_network, tmp_path):
+def test_any_model_name_loads_a_local_checkpoint(no_network, tmp_path, tiny_config):
     cfg_dir = tmp_path / "configs"
     cfg_dir.mkdir()
-    (cfg_dir / "pfpl-test-tiny.json").write_text(json.dumps(TINY_CONFIG))
+    (cfg_dir / "pfpl-test-tiny.json").write_text(json.dumps(tiny_config))
     open_clip.add_model_config(cfg_dir)
     torch.manual_seed(3)
     model = open_clip.create_model("pfpl-test-tiny")

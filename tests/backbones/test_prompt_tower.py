@@ -56,3 +56,34 @@ def test_bad_context_shape_is_refused(tiny):
         tower(torch.randn(4, 3, tiny.ctx_dim))
     with pytest.raises(ValueError, match="rows for 3 classes"):
         tower(torch.randn(2, 4, tiny.ctx_dim))
+
+
+def test_text_tower_runs_on_other_weights_without_touching_the_shared_model(tiny):
+    """One party can train the text body (FedSP): functional weights give the frozen tower's features
+    when equal to it, receive gradients, change the features when moved, and leave the model as it was."""
+    tower = PromptTower(tiny, NAMES, n_ctx=4)
+    ctx = torch.randn(2, 1, 4, tiny.ctx_dim) * 0.1
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    frozen = tower(ctx)
+    body = tiny.text.trainable_copy()
+    assert body and all(k.startswith("transformer.") for k in body)
+    assert not any(p.requires_grad for p in tiny.model.parameters())
+    same = tower(ctx, params=body)
+    assert torch.allclose(same, frozen, atol=1e-6)
+    same.pow(3).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in body.values())
+    with torch.no_grad():
+        for p in body.values():
+            p.add_(0.05 * torch.randn_like(p))
+    assert not torch.allclose(tower(ctx, params=body), frozen, atol=1e-3)
+    assert torch.allclose(tower(ctx), frozen, atol=0)  # the shared model did not move
+    for k, v in tiny.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_other_weights_keep_eot_truncation(tiny):
+    body = tiny.text.trainable_copy()
+    truncated = PromptTower(tiny, NAMES, n_ctx=4, truncate=True)
+    full = PromptTower(tiny, NAMES, n_ctx=4, truncate=False)
+    ctx = torch.randn(2, 1, 4, tiny.ctx_dim) * 0.3
+    assert torch.allclose(truncated(ctx, params=body), full(ctx, params=body), atol=1e-5)

@@ -114,7 +114,7 @@ def test_domain_one_domain_per_client(n_clients):
     for d in np.unique(doms):
         members = np.flatnonzero(doms == d)
         got = np.sort(np.concatenate([part.clients[k] for k in members]))
-        assert np.array_equal(got, np.flatnonzero(DOMAINS == d)), "sharers split the whole domain"
+        assert np.array_equal(got, np.flatnonzero(d == DOMAINS)), "sharers split the whole domain"
         sizes = [len(part.clients[k]) for k in members]
         assert max(sizes) - min(sizes) <= 1
 
@@ -127,7 +127,7 @@ def test_domain_class_one_domain_and_class_subset(n_clients, cpc):
     assert all(len(d) == 1 for d in part.client_domains(DOMAINS))
     classes = part.client_classes(LABELS)
     for ix, d, cls in zip(part.clients, doms, classes):
-        assert np.array_equal(ix, np.flatnonzero((DOMAINS == d) & np.isin(LABELS, cls))), "intersection"
+        assert np.array_equal(ix, np.flatnonzero((d == DOMAINS) & np.isin(LABELS, cls))), "intersection"
     for d in np.unique(doms):
         members = np.flatnonzero(doms == d)
         if len(members) == 1:
@@ -198,17 +198,20 @@ def test_test_sets_missing_pairs_error():
         client_test_sets(part, LABELS, DOMAINS, LABELS[keep], DOMAINS[keep])
 
 
-@pytest.mark.parametrize("kwargs,needle", [
-    ({"scheme": "powerlaw"}, "'powerlaw'"),
-    ({"alpha": 0.0, "scheme": "dirichlet"}, "alpha=0.0"),
-    ({"alpha": -1, "scheme": "dirichlet"}, "alpha=-1"),
-    ({"n_clients": 0}, "n_clients=0"),
-    ({"n_clients": 801}, "801"),
-    ({"classes_per_client": 0, "scheme": "domain_class"}, "classes_per_client=0"),
-    ({"min_size": -1, "scheme": "dirichlet"}, "min_size=-1"),
-    ({"labels": LABELS[:10]}, "same length"),
-    ({"labels": LABELS.astype(float)}, "float64"),
-])
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"scheme": "powerlaw"}, "'powerlaw'"),
+        ({"alpha": 0.0, "scheme": "dirichlet"}, "alpha=0.0"),
+        ({"alpha": -1, "scheme": "dirichlet"}, "alpha=-1"),
+        ({"n_clients": 0}, "n_clients=0"),
+        ({"n_clients": 801}, "801"),
+        ({"classes_per_client": 0, "scheme": "domain_class"}, "classes_per_client=0"),
+        ({"min_size": -1, "scheme": "dirichlet"}, "min_size=-1"),
+        ({"labels": LABELS[:10]}, "same length"),
+        ({"labels": LABELS.astype(float)}, "float64"),
+    ],
+)
 def test_errors_are_one_line_and_name_the_value(kwargs, needle):
     args = {"labels": LABELS, "domains": DOMAINS, "n_clients": 4, "scheme": "iid", "seed": 0, **kwargs}
     with pytest.raises(PartitionError) as e:

@@ -12,8 +12,13 @@ from pfpl.config import load_config
 from pfpl.federation.runner import run
 
 SMALL = [
-    "federation.n_clients=4", "federation.rounds=2", "federation.local_steps=2", "federation.batch_size=8",
-    "data.train_per_class_domain=1", "data.val_per_class_domain=1", "data.test_per_class_domain=1",
+    "federation.n_clients=4",
+    "federation.rounds=2",
+    "federation.local_steps=2",
+    "federation.batch_size=8",
+    "data.train_per_class_domain=1",
+    "data.val_per_class_domain=1",
+    "data.test_per_class_domain=1",
 ]
 
 
@@ -25,8 +30,17 @@ def test_run_writes_the_whole_run_folder(tmp_path):
     cfg = load_config(None, _overrides(tmp_path, ["train.methods=['coop', 'dpfpl']"]))
     summary = run(cfg, tmp_path / "run")
     folder = tmp_path / "run"
-    for name in ("config.json", "partition.json", "metrics.jsonl", "summary.json", "summary.csv", "accuracy.png",
-                 "checkpoint.pt", "prompts-coop.pt", "prompts-dpfpl.pt"):
+    for name in (
+        "config.json",
+        "partition.json",
+        "metrics.jsonl",
+        "summary.json",
+        "summary.csv",
+        "accuracy.png",
+        "checkpoint.pt",
+        "prompts-coop.pt",
+        "prompts-dpfpl.pt",
+    ):
         assert (folder / name).is_file(), name
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [(r["method"], r["round"]) for r in rows] == [("coop", 1), ("coop", 2), ("dpfpl", 1), ("dpfpl", 2)]
@@ -36,7 +50,10 @@ def test_run_writes_the_whole_run_folder(tmp_path):
     assert set(summary["methods"]) == {"coop", "dpfpl"}
     for m in list(summary["methods"].values()) + [summary["zero_shot"]]:
         assert 0 <= m["local"] <= 1 and 0 <= m["neighbor"] <= 1
-    assert json.loads((folder / "summary.json").read_text())["methods"]["coop"]["local"] == summary["methods"]["coop"]["local"]
+    assert (
+        json.loads((folder / "summary.json").read_text())["methods"]["coop"]["local"]
+        == summary["methods"]["coop"]["local"]
+    )
     assert (folder / "summary.csv").read_text().splitlines()[0] == "method,local,local_std,neighbor,neighbor_std"
 
 
@@ -48,14 +65,19 @@ def test_resume_after_a_real_kill_ends_with_the_same_metrics(tmp_path):
     sets = []
     for o in _overrides(tmp_path, ["train.methods=['fedotp', 'dpfpl', 'fedpgp']", "federation.rounds=4"]):
         sets += ["--set", o]
-    whole = subprocess.run(_pfpl("run", "--json", "-q", "--out", str(tmp_path / "whole"), *sets),
-                           capture_output=True, text=True, timeout=600)
+    whole = subprocess.run(
+        _pfpl("run", "--json", "-q", "--out", str(tmp_path / "whole"), *sets),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert whole.returncode == 0, whole.stderr
     expected = json.loads(whole.stdout)
 
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen(_pfpl("run", "-q", "--out", str(killed_dir), *sets),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _pfpl("run", "-q", "--out", str(killed_dir), *sets), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     metrics = killed_dir / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -69,8 +91,9 @@ def test_resume_after_a_real_kill_ends_with_the_same_metrics(tmp_path):
     assert 6 <= done < 12, f"killed after {done} of 12 rounds"
     assert not (killed_dir / "summary.json").exists()
 
-    resumed = subprocess.run(_pfpl("run", "--json", "-q", "--resume", str(killed_dir)),
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        _pfpl("run", "--json", "-q", "--resume", str(killed_dir)), capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr
     got = json.loads(resumed.stdout)
     assert got["methods"] == expected["methods"]
@@ -91,11 +114,14 @@ def test_resume_refuses_bad_folders_and_mixed_flags(tmp_path, capsys):
     assert "drop --config/--set" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("bad, words", [
-    ("federation.partition=random", ["federation.partition", "'random'", "pathological"]),
-    ("train.methods=['coop', 'fedavg2']", ["train.methods", "fedavg2"]),
-    ("federation.n_clients=0", ["federation.n_clients", "greater than or equal to 1"]),
-])
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        ("federation.partition=random", ["federation.partition", "'random'", "pathological"]),
+        ("train.methods=['coop', 'fedavg2']", ["train.methods", "fedavg2"]),
+        ("federation.n_clients=0", ["federation.n_clients", "greater than or equal to 1"]),
+    ],
+)
 def test_bad_run_config_is_one_line_before_any_work(bad, words, capsys, tmp_path):
     from pfpl.cli import main
 

@@ -3,13 +3,21 @@ import math
 
 import pytest
 
+from pfpl.cli.sweep import parse_epsilons
 from pfpl.config import ConfigError, load_config
-from pfpl.federation.sweep import parse_epsilons, run_sweep, sweep_configs
+from pfpl.federation.sweep import run_sweep, sweep_configs
 from pfpl.privacy.accounting import PrivacyConfigError
 
-TINY = ["federation.n_clients=4", "federation.rounds=1", "federation.local_steps=1", "federation.batch_size=8",
-        "data.train_per_class_domain=1", "data.val_per_class_domain=1", "data.test_per_class_domain=1",
-        "train.methods=['coop', 'dpfpl']"]
+TINY = [
+    "federation.n_clients=4",
+    "federation.rounds=1",
+    "federation.local_steps=1",
+    "federation.batch_size=8",
+    "data.train_per_class_domain=1",
+    "data.val_per_class_domain=1",
+    "data.test_per_class_domain=1",
+    "train.methods=['coop', 'dpfpl']",
+]
 
 
 def test_sweep_writes_table_and_plot_and_meets_each_target(tmp_path):
@@ -26,8 +34,10 @@ def test_sweep_writes_table_and_plot_and_meets_each_target(tmp_path):
 
 
 def test_bad_epsilons_and_combinations_fail_before_training():
-    with pytest.raises(ValueError, match="must be > 0"):
+    with pytest.raises(ConfigError, match="must be > 0"):
         parse_epsilons("1,0")
+    with pytest.raises(ConfigError, match="not a number"):
+        parse_epsilons("1,x")
     assert parse_epsilons("0.5, inf") == [0.5, math.inf]
     cfg = load_config(None, ["dp.mode=reference", "train.methods=['coop']"])
     with pytest.raises(PrivacyConfigError, match="coop"):

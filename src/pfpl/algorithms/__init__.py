@@ -1,1 +1,31 @@
-"""Federated prompt-learning methods (DESIGN §1), vectorized over clients."""
+"""One module per method (DESIGN §1). The method list is written here once; the config validates
+against it without importing torch, and :func:`get_method` imports a method's module on demand."""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pfpl.algorithms.base import Method
+
+#: method name -> "module:class" (the order is the order of the default run's table)
+REGISTRY: dict[str, str] = {
+    "coop": "coop:CoOp",
+    "promptfl": "promptfl:PromptFL",
+    "fedotp": "fedotp:FedOTPLite",
+    "fedpgp": "fedpgp:FedPGP",
+    "dplora": "dpfpl:DPLoRA",
+    "dpfpl": "dpfpl:DPFPL",
+}
+METHOD_NAMES: tuple[str, ...] = tuple(REGISTRY)
+
+
+def get_method(name: str) -> type[Method]:
+    """The class of method ``name``."""
+    if name not in REGISTRY:
+        from pfpl.errors import ConfigError
+
+        raise ConfigError(f"config error: method {name!r} is unknown; known: {', '.join(METHOD_NAMES)}")
+    module, cls = REGISTRY[name].split(":")
+    return getattr(import_module(f"pfpl.algorithms.{module}"), cls)

@@ -1,18 +1,47 @@
-"""What every federated prompt-learning method defines, vectorized over clients.
+"""What every federated prompt-learning method declares, vectorized over clients.
 
-A method owns persistent parameters: *global* ones (no client dimension, synchronised through the
-server) and *local* ones (leading client dimension, never leave the client). At each step it turns
-the participating clients' slices into differentiable *leaves* and a context ``[B, M, D]``; after
-the backward pass it maps the leaves' gradients back onto its persistent parameters. Everything
-reaches the loss only through the context, and the context only through the class text features.
+A method declares its persistent parameters, each with a **scope** (DESIGN §4):
+
+- ``local``: one value per client, never leaves it;
+- ``group``: shared inside a group of clients (the server keeps one value per group, ``[G, ...]``;
+  a single global prompt is the one-group case; SecFPP's clusters are groups),
+
+and whether it is **private**: in ``per-sample`` DP mode the gradients of its leaves are clipped
+and noised on the client (the paper's "local DP"); a non-private shared parameter is clipped per
+record on the client and protected where it is aggregated (global DP at the server).
+
+At each step a method turns the participating clients' rows into differentiable *leaves* and a
+context ``[B, M, D]`` (or ``[B, C, M, D]`` for class-specific contexts); after the backward pass
+it maps the leaves' gradients back onto its persistent parameters. Everything reaches the loss
+only through the context, and the context only through the class text features.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from pfpl.backbones.prompt_tower import PromptTower
+
+
+class Scope(str, Enum):
+    LOCAL = "local"
+    GROUP = "group"
+
+
+@dataclass(frozen=True)
+class Param:
+    """A persistent parameter: its name, where it lives, and whether local DP noises it."""
+
+    name: str
+    scope: Scope
+    private: bool = False
 
 
 @dataclass
@@ -20,7 +49,7 @@ class Views:
     """One step's differentiable view of the participating clients' prompts."""
 
     leaves: dict[str, torch.Tensor]  # each [B, ...], requires grad
-    ctx: torch.Tensor  # [B, M, D], a function of the leaves
+    ctx: torch.Tensor  # [B, M, D] (one context for all classes) or [B, C, M, D], a function of the leaves
     aux: dict[str, torch.Tensor] = field(default_factory=dict)  # constants the gradient map needs
 
 
@@ -34,36 +63,67 @@ class MethodSettings:
 
 class Method(ABC):
     name: str = ""
-    global_params: tuple[str, ...] = ()
-    local_params: tuple[str, ...] = ()
-    # parameters whose per-sample gradients local DP clips and noises (DESIGN §1)
-    private_leaves: tuple[str, ...] = ()
+    params: tuple[Param, ...] = ()
+    #: leaf name -> the persistent parameter its gradient updates (default: the leaf's own name)
+    leaf_params: dict[str, str] = {}
 
     def __init__(self, settings: MethodSettings | None = None):
         self.settings = settings or MethodSettings()
 
+    # ---- declarations --------------------------------------------------------------------------
+    @property
+    def shared_params(self) -> tuple[str, ...]:
+        """Parameters with ``group`` scope: they travel to the server and back."""
+        return tuple(p.name for p in self.params if p.scope is Scope.GROUP)
+
+    @property
+    def local_params(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params if p.scope is Scope.LOCAL)
+
     @property
     def shares(self) -> bool:
-        return bool(self.global_params)
+        return bool(self.shared_params)
+
+    @property
+    def leaves(self) -> tuple[str, ...]:
+        """The differentiable leaves of :meth:`views`: every parameter not rebuilt from other leaves,
+        and the leaves of ``leaf_params``."""
+        rebuilt = set(self.leaf_params.values())
+        return tuple(p.name for p in self.params if p.name not in rebuilt) + tuple(self.leaf_params)
+
+    def param_of(self, leaf: str) -> str:
+        return self.leaf_params.get(leaf, leaf)
+
+    def is_private_leaf(self, leaf: str) -> bool:
+        private = {p.name for p in self.params if p.private}
+        return self.param_of(leaf) in private
+
+    # ---- parameters ----------------------------------------------------------------------------
+    @abstractmethod
+    def init_shared(self, n_ctx: int, dim: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """Initial value of every shared parameter (one copy; the server replicates it per group)."""
 
     @abstractmethod
-    def init(self, n_clients: int, n_ctx: int, dim: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        """Persistent parameters: global ones ``[...]``, local ones ``[N, ...]``."""
+    def init_local(self, n_ctx: int, dim: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """Initial value of one client's local parameters, from that client's own stream."""
 
     @abstractmethod
-    def views(self, params: dict[str, torch.Tensor], gen: torch.Generator) -> Views:
-        """Leaves and context from the participating clients' parameters (global ones expanded to ``[B, ...]``)."""
+    def views(self, params: dict[str, torch.Tensor], gens: Sequence[torch.Generator]) -> Views:
+        """Leaves and context from the participating clients' rows (shared ones already broadcast to
+        ``[B, ...]``); ``gens`` has one generator per client for any random draw the method makes."""
 
     def param_grads(self, views: Views, leaf_grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Gradients of the persistent parameters (``[B, ...]`` each) from the leaves' gradients."""
         return leaf_grads
 
-    def context(self, params: dict[str, torch.Tensor], gen: torch.Generator) -> torch.Tensor:
-        """The personalised context ``[B, M, D]`` a client releases and is evaluated with."""
+    def context(self, params: dict[str, torch.Tensor], gens: Sequence[torch.Generator]) -> torch.Tensor:
+        """The personalised context a client releases and is evaluated with."""
         with torch.no_grad():
-            return self.views(params, gen).ctx
+            return self.views(params, gens).ctx
 
-    def extra_loss(self, views: Views, text_features: torch.Tensor, tower, reference: torch.Tensor | None) -> torch.Tensor | None:
+    def extra_loss(
+        self, views: Views, text_features: torch.Tensor, tower: PromptTower, reference: torch.Tensor | None
+    ) -> torch.Tensor | None:
         """A data-independent regulariser added to the loss (FedPGP's contrastive term)."""
         return None
 

@@ -83,3 +83,9 @@ def write_manifest(manifest: dict[str, Any], folder: Path | None = None) -> Path
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     tmp.replace(path)
     return path
+
+
+def record_quality(manifest: dict[str, Any], quality: dict[str, Any], command: str, folder: Path | None) -> Path:
+    """Put measured quality into an embedded manifest and rewrite only the manifest file."""
+    manifest["quality"], manifest["quality_command"] = quality, command
+    return write_manifest(manifest, folder)

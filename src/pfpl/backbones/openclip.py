@@ -13,15 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class BackboneError(ValueError):
-    """A backbone cannot be built as asked (unknown name, missing weights, download needed)."""
+from pfpl.errors import BackboneError
 
 
 @dataclass
-class TextParts:
-    """The pieces of an open_clip text tower, wherever the model keeps them."""
-
+class _Parts:
     token_embedding: nn.Embedding
     positional_embedding: torch.Tensor
     transformer: nn.Module
@@ -31,21 +27,46 @@ class TextParts:
     pool_type: str
     eos_id: int | None
 
+
+def _parts_of(model: nn.Module) -> _Parts:
+    holder = model.text if hasattr(model, "text") and hasattr(model.text, "token_embedding") else model
+    if not hasattr(holder, "token_embedding"):
+        raise BackboneError(f"{type(model).__name__} has no open_clip text transformer to prompt")
+    return _Parts(
+        token_embedding=holder.token_embedding,
+        positional_embedding=holder.positional_embedding,
+        transformer=holder.transformer,
+        ln_final=holder.ln_final,
+        text_projection=holder.text_projection,
+        attn_mask=getattr(holder, "attn_mask", None),
+        pool_type=getattr(holder, "text_pool_type", getattr(holder, "pool_type", "argmax")),
+        eos_id=getattr(holder, "text_eos_id", getattr(holder, "eos_id", None)),
+    )
+
+
+class TextTower(nn.Module):
+    """An open_clip text tower from token embeddings to projected features, as a module of its own.
+
+    It shares its weights with the model it was taken from (frozen in a backbone). Because it is a
+    module, one party can run it on other weights without touching the shared model:
+    ``torch.func.functional_call(tower, params, (x, eot))`` with ``params`` from
+    :meth:`trainable_copy` (FedSP's clients train their auxiliary text body this way).
+    """
+
+    def __init__(self, parts: _Parts):
+        super().__init__()
+        self.token_embedding = parts.token_embedding
+        self.positional_embedding = parts.positional_embedding
+        self.transformer = parts.transformer
+        self.ln_final = parts.ln_final
+        self.text_projection = parts.text_projection
+        self.attn_mask = parts.attn_mask
+        self.pool_type = parts.pool_type
+        self.eos_id = parts.eos_id
+
     @classmethod
-    def of(cls, model: nn.Module) -> "TextParts":
-        holder = model.text if hasattr(model, "text") and hasattr(model.text, "token_embedding") else model
-        if not hasattr(holder, "token_embedding"):
-            raise BackboneError(f"{type(model).__name__} has no open_clip text transformer to prompt")
-        return cls(
-            token_embedding=holder.token_embedding,
-            positional_embedding=holder.positional_embedding,
-            transformer=holder.transformer,
-            ln_final=holder.ln_final,
-            text_projection=holder.text_projection,
-            attn_mask=getattr(holder, "attn_mask", None),
-            pool_type=getattr(holder, "text_pool_type", getattr(holder, "pool_type", "argmax")),
-            eos_id=getattr(holder, "text_eos_id", getattr(holder, "eos_id", None)),
-        )
+    def of(cls, model: nn.Module) -> TextTower:
+        return cls(_parts_of(model))
 
     @property
     def causal(self) -> bool:
@@ -59,6 +80,15 @@ class TextParts:
         if self.pool_type == "eos" and self.eos_id is not None:
             return (tokens == self.eos_id).int().argmax(dim=-1)
         return tokens.argmax(dim=-1)
+
+    def trainable_copy(self, prefix: str = "transformer.") -> dict[str, torch.Tensor]:
+        """Detached, trainable copies of the weights whose names start with ``prefix`` (default:
+        the transformer body), for :func:`torch.func.functional_call`; the shared model is untouched."""
+        return {
+            name: p.detach().clone().requires_grad_(True)
+            for name, p in self.named_parameters()
+            if name.startswith(prefix)
+        }
 
     def forward(self, x: torch.Tensor, eot: torch.Tensor, truncate: bool = True) -> torch.Tensor:
         """Projected, unnormalised text features from token embeddings ``x`` [N, L, D].
@@ -105,7 +135,7 @@ class OpenClipBackbone:
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.preprocess = preprocess
         self.tokenizer = tokenizer
-        self.text = TextParts.of(self.model)
+        self.text = TextTower.of(self.model)
         self.fingerprint = weights_fingerprint(self.model, name)
         self.preprocess_id = repr(preprocess)
 
@@ -133,9 +163,16 @@ class OpenClipBackbone:
     def token_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.text.token_embedding(tokens.to(self.device)).float()
 
-    def text_features_from_embeddings(self, x: torch.Tensor, eot: torch.Tensor, truncate: bool = True) -> torch.Tensor:
-        """Differentiable: normalised text features from prompt embeddings ``[N, L, D]``."""
-        return F.normalize(self.text.forward(x, eot, truncate).float(), dim=-1)
+    def text_features_from_embeddings(
+        self, x: torch.Tensor, eot: torch.Tensor, truncate: bool = True, params: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Differentiable: normalised text features from prompt embeddings ``[N, L, D]``; ``params``
+        replaces some of the tower's weights for this call only (see :class:`TextTower`)."""
+        if params:
+            out = torch.func.functional_call(self.text, params, (x, eot.to(x.device), truncate))
+        else:
+            out = self.text(x, eot.to(x.device), truncate)
+        return F.normalize(out.float(), dim=-1)
 
     @torch.no_grad()
     def encode_text(self, texts: list[str], truncate: bool = True) -> torch.Tensor:
@@ -182,9 +219,14 @@ def _local_weights_for_tag(model_name: str, tag: str, cache_dir: str | None) -> 
 
 
 def load_open_clip(
-    model_name: str, pretrained: str | None = None, device: str = "cpu", cache_dir: str | None = None
+    model_name: str,
+    pretrained: str | None = None,
+    device: str = "cpu",
+    cache_dir: str | None = None,
+    image_size: int | None = None,
 ) -> OpenClipBackbone:
-    """Any open_clip model; weights from a local checkpoint path, a cached tag, or random init."""
+    """Any open_clip model; weights from a local checkpoint path, a cached tag, or random init
+    (``image_size`` rebuilds the image tower for that input size)."""
     import open_clip
 
     if model_name not in open_clip.list_models():
@@ -201,7 +243,9 @@ def load_open_clip(
         else:
             weights = _local_weights_for_tag(model_name, pretrained, cache_dir)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=weights, device="cpu")
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=weights, device="cpu", force_image_size=image_size
+        )
     except (RuntimeError, KeyError, ValueError, OSError) as exc:
         raise BackboneError(f"backbone.pretrained={pretrained!r}: cannot load it into {model_name}: {exc}") from exc
     label = f"{model_name}:{pretrained or 'random'}"

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.tokenizer import SimpleTokenizer
 
 from pfpl.backbones.embedded import EMBEDDED_CONFIG, build_model
-from pfpl.backbones.openclip import TextParts
+from pfpl.backbones.openclip import TextTower
 from pfpl.data import shapes
 
 PRETRAIN_DEFAULTS: dict[str, Any] = {
@@ -66,13 +67,15 @@ def pretrain(
     val_y = torch.from_numpy(vl)
 
     model = build_model()
-    text = TextParts.of(model)
+    text = TextTower.of(model)
     tokenizer = SimpleTokenizer(context_length=EMBEDDED_CONFIG["text_cfg"]["context_length"])
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "logit_scale" in n]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": s["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=s["lr"], betas=(0.9, 0.98), eps=1e-6,
+        lr=s["lr"],
+        betas=(0.9, 0.98),
+        eps=1e-6,
     )
     gen = torch.Generator().manual_seed(s["seed"])
     n, bs = len(images), s["batch_size"]
@@ -85,9 +88,11 @@ def pretrain(
         epoch, pos = divmod(step, steps_per_epoch)
         if pos == 0:
             order = torch.randperm(n, generator=gen)
-            caps = [shapes.caption_item(spec, i, int(labels[i]), int(domains[i]), epoch, s["style_rate"]) for i in range(n)]
+            caps = [
+                shapes.caption_item(spec, i, int(labels[i]), int(domains[i]), epoch, s["style_rate"]) for i in range(n)
+            ]
             tokens = tokenizer(caps)
-        idx = order[pos * bs:(pos + 1) * bs]
+        idx = order[pos * bs : (pos + 1) * bs]
         x = to_input(images[idx.numpy()])
         flip = torch.rand(len(idx), generator=gen) < 0.5
         x[flip] = x[flip].flip(-1)
@@ -95,7 +100,7 @@ def pretrain(
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, s["steps"], s["warmup"], s["lr"])
         img_f = F.normalize(model.encode_image(x), dim=-1)
-        txt_f = F.normalize(text.forward(text.token_embedding(tok), text.eot_positions(tok)), dim=-1)
+        txt_f = F.normalize(text(text.token_embedding(tok), text.eot_positions(tok)), dim=-1)
         logits = model.logit_scale.exp().clamp(max=100) * img_f @ txt_f.t()
         target = torch.arange(len(idx))
         loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
@@ -106,23 +111,34 @@ def pretrain(
             acc = _zero_shot(model, text, tokenizer, val_x, val_y)
             model.train()
             history.append({"step": step + 1, "loss": float(loss.detach()), "val_zero_shot": acc})
-            log(f"step {step + 1}/{s['steps']}  loss {float(loss.detach()):.3f}  val zero-shot {acc:.3f}  "
-                f"({time.time() - t0:.0f}s)")
+            log(
+                f"step {step + 1}/{s['steps']}  loss {float(loss.detach()):.3f}  val zero-shot {acc:.3f}  "
+                f"({time.time() - t0:.0f}s)"
+            )
     record = {
         "settings": s,
         "wall_seconds": round(time.time() - t0, 1),
         "history": history,
-        "world": {"seed": spec.seed, "image_size": spec.image_size, "render_version": shapes.RENDER_VERSION,
-                  "stream": "pretrain", "images": n, "classes": shapes.class_names(), "styles": list(shapes.STYLES)},
+        "world": {
+            "seed": spec.seed,
+            "image_size": spec.image_size,
+            "render_version": shapes.RENDER_VERSION,
+            "stream": "pretrain",
+            "images": n,
+            "classes": shapes.class_names(),
+            "styles": list(shapes.STYLES),
+        },
     }
     return model.eval(), record
 
 
 @torch.no_grad()
-def _zero_shot(model: torch.nn.Module, text: TextParts, tokenizer: SimpleTokenizer, x: torch.Tensor, y: torch.Tensor) -> float:
+def _zero_shot(
+    model: torch.nn.Module, text: TextTower, tokenizer: SimpleTokenizer, x: torch.Tensor, y: torch.Tensor
+) -> float:
     model.eval()
     # the captions' own colour words: this monitors alignment, not the benchmark's curated names
     tok = tokenizer([f"a photo of a {c}." for c in shapes.class_names("caption")])
-    t = F.normalize(text.forward(text.token_embedding(tok), text.eot_positions(tok)), dim=-1)
+    t = F.normalize(text(text.token_embedding(tok), text.eot_positions(tok)), dim=-1)
     f = F.normalize(model.encode_image(x), dim=-1)
     return float(((f @ t.t()).argmax(-1) == y).float().mean())

@@ -10,13 +10,20 @@ from __future__ import annotations
 import torch
 
 from pfpl.backbones.openclip import OpenClipBackbone
+from pfpl.errors import BackboneError
 
 
 class PromptTower:
     """Class text features of soft prompts for a fixed list of class names."""
 
-    def __init__(self, backbone: OpenClipBackbone, classnames: list[str], n_ctx: int,
-                 truncate: bool = True, max_sequences: int = 4096):
+    def __init__(
+        self,
+        backbone: OpenClipBackbone,
+        classnames: list[str],
+        n_ctx: int,
+        truncate: bool = True,
+        max_sequences: int = 4096,
+    ):
         self.backbone = backbone
         self.classnames = list(classnames)
         self.n_ctx = n_ctx
@@ -26,11 +33,14 @@ class PromptTower:
         tokens = backbone.tokenize([f"{placeholder} {name}." for name in classnames])
         self.eot = backbone.text.eot_positions(tokens)
         if int(self.eot.max()) >= backbone.context_length:
-            raise ValueError(f"{n_ctx} context tokens plus the longest class name exceed the text context")
+            raise BackboneError(
+                f"prompt.n_ctx={n_ctx} context tokens plus the longest class name exceed the "
+                f"{backbone.context_length}-token text context"
+            )
         length = int(self.eot.max()) + 1 if truncate and backbone.text.causal else backbone.context_length
         emb = backbone.token_embeddings(tokens)[:, :length]
         self.prefix = emb[:, :1]  # [C, 1, D]  SOS
-        self.suffix = emb[:, 1 + n_ctx:]  # [C, L-1-M, D]  classname . EOS (and padding up to max_eot)
+        self.suffix = emb[:, 1 + n_ctx :]  # [C, L-1-M, D]  classname . EOS (and padding up to max_eot)
 
     @property
     def num_classes(self) -> int:
@@ -55,17 +65,18 @@ class PromptTower:
         ctx = ctx.expand(b, c, self.n_ctx, ctx.shape[-1])
         pre = self.prefix[None].expand(b, -1, -1, -1)
         suf = self.suffix[None].expand(b, -1, -1, -1)
-        return torch.cat([pre, ctx.to(pre.dtype), suf], dim=2)
+        return torch.cat([pre, ctx.to(device=pre.device, dtype=pre.dtype), suf], dim=2)
 
-    def __call__(self, ctx: torch.Tensor) -> torch.Tensor:
-        """Normalised class text features ``[B, C, E]`` (see :meth:`embeddings` for shapes)."""
+    def __call__(self, ctx: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Normalised class text features ``[B, C, E]`` (see :meth:`embeddings` for shapes); ``params``
+        runs the text tower on other weights for this call (see :class:`~pfpl.backbones.openclip.TextTower`)."""
         x = self.embeddings(ctx)
         b, c = x.shape[:2]
         flat = x.reshape(b * c, *x.shape[2:])
         eot = self.eot.repeat(b)
+        step = self.max_sequences
         out = [
-            self.backbone.text_features_from_embeddings(flat[i:i + self.max_sequences], eot[i:i + self.max_sequences],
-                                                        self.truncate)
-            for i in range(0, b * c, self.max_sequences)
+            self.backbone.text_features_from_embeddings(flat[i : i + step], eot[i : i + step], self.truncate, params)
+            for i in range(0, b * c, step)
         ]
         return torch.cat(out).reshape(b, c, -1)

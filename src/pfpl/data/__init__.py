@@ -13,8 +13,11 @@ def build_dataset(cfg) -> VisionDataset:
     if cfg.dataset == "shapes":
         return ShapesDataset(
             seed=cfg.seed,
-            per_class_domain={"train": cfg.train_per_class_domain, "val": cfg.val_per_class_domain,
-                              "test": cfg.test_per_class_domain},
+            per_class_domain={
+                "train": cfg.train_per_class_domain,
+                "val": cfg.val_per_class_domain,
+                "test": cfg.test_per_class_domain,
+            },
             naming=cfg.class_names,
         )
     raise DatasetError(f"data.dataset={cfg.dataset!r} is not a known dataset; known: shapes")

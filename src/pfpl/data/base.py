@@ -7,17 +7,15 @@ train/val/test splits; each split is images with a class label and a domain labe
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from PIL import Image
 
+from pfpl.errors import DatasetError
+
 SPLITS = ("train", "val", "test")
-
-
-class DatasetError(ValueError):
-    """A dataset cannot be built as asked (bad folder, unknown split, bad recipe)."""
 
 
 @dataclass

@@ -43,13 +43,18 @@ class Features:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, index: torch.Tensor | np.ndarray) -> "Features":
-        index = torch.as_tensor(index, dtype=torch.long)
+    def subset(self, index: torch.Tensor | np.ndarray) -> Features:
+        index = torch.as_tensor(index, dtype=torch.long).to(self.features.device)
         return Features(self.features[index], self.labels[index], self.domains[index])
+
+    def to(self, device: torch.device | str) -> Features:
+        return Features(self.features.to(device), self.labels.to(device), self.domains.to(device))
 
 
 def cache_key(encoder: ImageEncoder, dataset: VisionDataset, split: str) -> str:
-    text = f"v{FORMAT_VERSION}|{encoder.fingerprint}|{dataset.name}:{dataset.fingerprint}|{split}|{encoder.preprocess_id}"
+    text = (
+        f"v{FORMAT_VERSION}|{encoder.fingerprint}|{dataset.name}:{dataset.fingerprint}|{split}|{encoder.preprocess_id}"
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -85,8 +90,11 @@ def _read(path: Path, key: str) -> Features | None:
 def _write(path: Path, key: str, feats: Features, meta: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    tensors = {"features": feats.features.contiguous(), "labels": feats.labels.contiguous(),
-               "domains": feats.domains.contiguous()}
+    tensors = {
+        "features": feats.features.contiguous(),
+        "labels": feats.labels.contiguous(),
+        "domains": feats.domains.contiguous(),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file(tensors, str(tmp), metadata={"key": key, "checksum": _checksum(tensors), **meta})
@@ -102,11 +110,14 @@ def encode_split(encoder: ImageEncoder, dataset: VisionDataset, split: str, batc
         batch = [encoder.preprocess(data.load(i)) for i in range(start, min(start + batch_size, len(data)))]
         chunks.append(encoder.encode_images(torch.stack(batch)).float().cpu())
     feats = torch.cat(chunks) if chunks else torch.empty(0, 0)
-    return Features(feats, torch.as_tensor(data.labels, dtype=torch.long), torch.as_tensor(data.domains, dtype=torch.long))
+    return Features(
+        feats, torch.as_tensor(data.labels, dtype=torch.long), torch.as_tensor(data.domains, dtype=torch.long)
+    )
 
 
-def image_features(encoder: ImageEncoder, dataset: VisionDataset, split: str, cache_dir: Path | str | None,
-                   batch_size: int = 256) -> Features:
+def image_features(
+    encoder: ImageEncoder, dataset: VisionDataset, split: str, cache_dir: Path | str | None, batch_size: int = 256
+) -> Features:
     """Features of ``split``, from the cache when a valid entry exists, else computed and cached."""
     if cache_dir is None:
         return encode_split(encoder, dataset, split, batch_size)
@@ -118,7 +129,12 @@ def image_features(encoder: ImageEncoder, dataset: VisionDataset, split: str, ca
     if path.exists():
         path.unlink()
     feats = encode_split(encoder, dataset, split, batch_size)
-    meta = {"dataset": dataset.name, "split": split, "backbone": encoder.fingerprint,
-            "dataset_fingerprint": dataset.fingerprint, "preprocess": json.dumps(encoder.preprocess_id)}
+    meta = {
+        "dataset": dataset.name,
+        "split": split,
+        "backbone": encoder.fingerprint,
+        "dataset_fingerprint": dataset.fingerprint,
+        "preprocess": json.dumps(encoder.preprocess_id),
+    }
     _write(path, key, feats, meta)
     return feats

@@ -19,17 +19,16 @@ is an error, never a silent outcome.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
+from pfpl.errors import PartitionError
+
 SCHEMES = ("iid", "pathological", "dirichlet", "domain", "domain_class")
 DIRICHLET_RETRIES = 100
-
-
-class PartitionError(ValueError):
-    """A partition cannot be built as asked; the message names the bad value and what is allowed."""
 
 
 @dataclass
@@ -57,8 +56,9 @@ class Partition:
         domains = np.asarray(domains)
         return [np.unique(domains[ix]).astype(np.int64) for ix in self.clients]
 
-    def counts_table(self, labels: np.ndarray, domains: np.ndarray, classnames: Sequence[str],
-                     domainnames: Sequence[str]) -> list[dict]:
+    def counts_table(
+        self, labels: np.ndarray, domains: np.ndarray, classnames: Sequence[str], domainnames: Sequence[str]
+    ) -> list[dict]:
         """Per-client sample counts by class and domain (nonzero only), JSON-serialisable for runs."""
         labels, domains = _check_labels(labels, domains)
         if len(labels) and labels.max() >= len(classnames):
@@ -69,17 +69,28 @@ class Partition:
         for i, ix in enumerate(self.clients):
             cls, ccount = np.unique(labels[ix], return_counts=True)
             dom, dcount = np.unique(domains[ix], return_counts=True)
-            rows.append({
-                "client": i,
-                "n": int(len(ix)),
-                "classes": {str(classnames[c]): int(k) for c, k in zip(cls.tolist(), ccount.tolist())},
-                "domains": {str(domainnames[d]): int(k) for d, k in zip(dom.tolist(), dcount.tolist())},
-            })
+            rows.append(
+                {
+                    "client": i,
+                    "n": int(len(ix)),
+                    "classes": {str(classnames[c]): int(k) for c, k in zip(cls.tolist(), ccount.tolist())},
+                    "domains": {str(domainnames[d]): int(k) for d, k in zip(dom.tolist(), dcount.tolist())},
+                }
+            )
         return rows
 
 
-def make_partition(labels: np.ndarray, domains: np.ndarray, n_clients: int, scheme: str, seed: int, *,
-                   alpha: float = 0.3, classes_per_client: int | None = None, min_size: int = 2) -> Partition:
+def make_partition(
+    labels: np.ndarray,
+    domains: np.ndarray,
+    n_clients: int,
+    scheme: str,
+    seed: int,
+    *,
+    alpha: float = 0.3,
+    classes_per_client: int | None = None,
+    min_size: int = 2,
+) -> Partition:
     """Partition the train split described by ``labels``/``domains`` among ``n_clients`` clients.
 
     ``alpha`` and ``min_size`` are used by ``dirichlet``; ``classes_per_client`` by ``domain_class``
@@ -102,8 +113,10 @@ def make_partition(labels: np.ndarray, domains: np.ndarray, n_clients: int, sche
     if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
         raise PartitionError(f"min_size={min_size!r} must be an integer >= 0")
     if classes_per_client is not None and (
-            isinstance(classes_per_client, bool) or not isinstance(classes_per_client, (int, np.integer))
-            or classes_per_client < 1):
+        isinstance(classes_per_client, bool)
+        or not isinstance(classes_per_client, (int, np.integer))
+        or classes_per_client < 1
+    ):
         raise PartitionError(f"classes_per_client={classes_per_client!r} must be None or an integer >= 1")
     if len(labels) < n_clients:
         raise PartitionError(f"n_clients={n_clients} exceeds the {len(labels)} training samples")
@@ -128,13 +141,19 @@ def make_partition(labels: np.ndarray, domains: np.ndarray, n_clients: int, sche
     clients = [np.sort(np.asarray(ix, dtype=np.int64)) for ix in clients]
     for i, ix in enumerate(clients):
         if len(ix) == 0:
-            raise PartitionError(f"scheme {scheme!r} left client {i} of {n_clients} with no samples; "
-                                 f"use fewer clients or another scheme")
+            raise PartitionError(
+                f"scheme {scheme!r} left client {i} of {n_clients} with no samples; use fewer clients or another scheme"
+            )
     return Partition(clients, scheme, {"seed": int(seed), "n_clients": n_clients, **params})
 
 
-def client_test_sets(partition: Partition, train_labels: np.ndarray, train_domains: np.ndarray,
-                     test_labels: np.ndarray, test_domains: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+def client_test_sets(
+    partition: Partition,
+    train_labels: np.ndarray,
+    train_domains: np.ndarray,
+    test_labels: np.ndarray,
+    test_domains: np.ndarray,
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per client, test indices and weights that make the test set look like its training data.
 
     A test sample is kept if its (class, domain) pair occurs in the client's training data; its weight
@@ -155,8 +174,10 @@ def client_test_sets(partition: Partition, train_labels: np.ndarray, train_domai
         freq = count / count.sum()
         keep = np.flatnonzero(np.isin(test_key, pairs))
         if len(keep) == 0:
-            raise PartitionError(f"client {i} has no test samples of its (class, domain) pairs; "
-                                 f"the test split must cover the training pairs")
+            raise PartitionError(
+                f"client {i} has no test samples of its (class, domain) pairs; "
+                f"the test split must cover the training pairs"
+            )
         k = test_key[keep]
         w = freq[np.searchsorted(pairs, k)] / test_count[np.searchsorted(test_pairs, k)]
         out.append((keep.astype(np.int64), w / w.sum()))
@@ -178,17 +199,21 @@ def _check_labels(labels, domains) -> tuple[np.ndarray, np.ndarray]:
 def _pathological(rng: np.random.Generator, labels: np.ndarray, n_clients: int) -> list[np.ndarray]:
     classes = np.unique(labels)
     if n_clients > len(classes):
-        raise PartitionError(f"pathological partition needs n_clients <= number of classes; "
-                             f"got n_clients={n_clients} > {len(classes)} classes")
+        raise PartitionError(
+            f"pathological partition needs n_clients <= number of classes; "
+            f"got n_clients={n_clients} > {len(classes)} classes"
+        )
     groups = np.array_split(rng.permutation(classes), n_clients)
     return [np.flatnonzero(np.isin(labels, g)) for g in groups]
 
 
-def _dirichlet(rng: np.random.Generator, labels: np.ndarray, n_clients: int, alpha: float,
-               min_size: int) -> list[np.ndarray]:
+def _dirichlet(
+    rng: np.random.Generator, labels: np.ndarray, n_clients: int, alpha: float, min_size: int
+) -> list[np.ndarray]:
     if len(labels) < n_clients * min_size:
-        raise PartitionError(f"dirichlet min_size={min_size} impossible: {len(labels)} samples < "
-                             f"n_clients={n_clients} x min_size")
+        raise PartitionError(
+            f"dirichlet min_size={min_size} impossible: {len(labels)} samples < n_clients={n_clients} x min_size"
+        )
     by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
     for _ in range(DIRICHLET_RETRIES):
         parts: list[list[np.ndarray]] = [[] for _ in range(n_clients)]
@@ -201,8 +226,10 @@ def _dirichlet(rng: np.random.Generator, labels: np.ndarray, n_clients: int, alp
         clients = [np.concatenate(p) for p in parts]
         if min(len(c) for c in clients) >= min_size:
             return clients
-    raise PartitionError(f"dirichlet alpha={alpha} gave some client fewer than min_size={min_size} samples "
-                         f"in {DIRICHLET_RETRIES} draws; raise alpha, lower min_size or use fewer clients")
+    raise PartitionError(
+        f"dirichlet alpha={alpha} gave some client fewer than min_size={min_size} samples "
+        f"in {DIRICHLET_RETRIES} draws; raise alpha, lower min_size or use fewer clients"
+    )
 
 
 def _assign_domains(rng: np.random.Generator, domains: np.ndarray, n_clients: int) -> np.ndarray:
@@ -222,8 +249,9 @@ def _domain(rng: np.random.Generator, domains: np.ndarray, n_clients: int) -> li
     return clients
 
 
-def _domain_class(rng: np.random.Generator, labels: np.ndarray, domains: np.ndarray, n_clients: int,
-                  classes_per_client: int | None) -> list[np.ndarray]:
+def _domain_class(
+    rng: np.random.Generator, labels: np.ndarray, domains: np.ndarray, n_clients: int, classes_per_client: int | None
+) -> list[np.ndarray]:
     """One domain per client (as ``domain``) intersected with a class subset.
 
     Clients sharing a domain split that domain's classes pathologically; a client alone on its
@@ -240,13 +268,16 @@ def _domain_class(rng: np.random.Generator, labels: np.ndarray, domains: np.ndar
         classes = np.unique(labels[in_dom])
         if len(members) == 1:
             if k_single > len(classes):
-                raise PartitionError(f"classes_per_client={k_single} exceeds the {len(classes)} classes "
-                                     f"of domain {int(d)}")
+                raise PartitionError(
+                    f"classes_per_client={k_single} exceeds the {len(classes)} classes of domain {int(d)}"
+                )
             groups = [rng.choice(classes, size=k_single, replace=False)]
         else:
             if len(members) > len(classes):
-                raise PartitionError(f"domain_class: {len(members)} clients share domain {int(d)} "
-                                     f"but it has only {len(classes)} classes; use fewer clients")
+                raise PartitionError(
+                    f"domain_class: {len(members)} clients share domain {int(d)} "
+                    f"but it has only {len(classes)} classes; use fewer clients"
+                )
             groups = np.array_split(rng.permutation(classes), len(members))
         for k, g in zip(members, groups):
             clients[k] = np.flatnonzero(in_dom & np.isin(labels, g))

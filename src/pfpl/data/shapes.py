@@ -16,8 +16,16 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 SHAPES: tuple[str, ...] = (
-    "circle", "square", "triangle", "star", "cross",
-    "hexagon", "diamond", "ring", "crescent", "arrow",
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "cross",
+    "hexagon",
+    "diamond",
+    "ring",
+    "crescent",
+    "arrow",
 )
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 45, 40),
@@ -110,11 +118,31 @@ def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float, angle: fl
         d.polygon(_rotate(pts, cx, cy, angle), fill=255)
     elif shape == "cross":
         a, b = r, r * 0.33
-        pts = [(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a), (-b, b), (-a, b), (-a, -b), (-b, -b)]
+        pts = [
+            (-b, -a),
+            (b, -a),
+            (b, -b),
+            (a, -b),
+            (a, b),
+            (b, b),
+            (b, a),
+            (-b, a),
+            (-b, b),
+            (-a, b),
+            (-a, -b),
+            (-b, -b),
+        ]
         d.polygon(_rotate(pts, cx, cy, angle), fill=255)
     elif shape == "arrow":
-        pts = [(-r, -0.28 * r), (0.15 * r, -0.28 * r), (0.15 * r, -0.75 * r), (r, 0),
-               (0.15 * r, 0.75 * r), (0.15 * r, 0.28 * r), (-r, 0.28 * r)]
+        pts = [
+            (-r, -0.28 * r),
+            (0.15 * r, -0.28 * r),
+            (0.15 * r, -0.75 * r),
+            (r, 0),
+            (0.15 * r, 0.75 * r),
+            (0.15 * r, 0.28 * r),
+            (-r, 0.28 * r),
+        ]
         d.polygon(_rotate(pts, cx, cy, angle), fill=255)
     else:  # pragma: no cover - SHAPES is closed
         raise ValueError(f"unknown shape {shape!r}")
@@ -128,8 +156,9 @@ def _blotches(rng: np.random.Generator, size: int, grid: int, lo: float, hi: flo
     return np.asarray(img, dtype=np.float32) / 255.0
 
 
-def render(shape: str, colour: str, style: str, rng: np.random.Generator, size: int = 64,
-           background: str | None = None) -> np.ndarray:
+def render(
+    shape: str, colour: str, style: str, rng: np.random.Generator, size: int = 64, background: str | None = None
+) -> np.ndarray:
     """Render one image as uint8 ``[size, size, 3]``; ``background`` names a class colour for the scene."""
     ss = 2 * size  # supersampled canvas for anti-aliasing
     r = rng.uniform(0.22, 0.36) * ss
@@ -170,15 +199,23 @@ def render(shape: str, colour: str, style: str, rng: np.random.Generator, size: 
         if bg_tint is not None:
             bg = 0.35 * bg + 0.65 * bg_tint
         obj = np.clip(col + _blotches(rng, size, 6, 0.0, 0.24) - 0.12, 0, 1)
-        soft = np.asarray(
-            Image.fromarray((fill[..., 0] * 255).astype(np.uint8), "L").filter(ImageFilter.GaussianBlur(1.2)),
-            np.float32,
-        )[..., None] / 255.0
+        soft = (
+            np.asarray(
+                Image.fromarray((fill[..., 0] * 255).astype(np.uint8), "L").filter(ImageFilter.GaussianBlur(1.2)),
+                np.float32,
+            )[..., None]
+            / 255.0
+        )
         img = bg * (1 - soft) + obj * soft + rng.normal(0, 0.05, (size, size, 3))
-        img = np.asarray(
-            Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8), "RGB").filter(ImageFilter.GaussianBlur(0.6)),
-            np.float32,
-        ) / 255.0
+        img = (
+            np.asarray(
+                Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8), "RGB").filter(
+                    ImageFilter.GaussianBlur(0.6)
+                ),
+                np.float32,
+            )
+            / 255.0
+        )
     elif style == "clipart":
         bg = np.ones((size, size, 3), np.float32) * rng.uniform(0.75, 1.0, 3)
         if bg_tint is not None:
@@ -195,8 +232,14 @@ def render(shape: str, colour: str, style: str, rng: np.random.Generator, size: 
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def caption(shape: str, colour: str, style: str, rng: np.random.Generator, style_rate: float = 0.6,
-            background: str | None = None) -> str:
+def caption(
+    shape: str,
+    colour: str,
+    style: str,
+    rng: np.random.Generator,
+    style_rate: float = 0.6,
+    background: str | None = None,
+) -> str:
     """A caption that names the shape, the colour (always, except often at night), with probability
     ``style_rate`` the style, and sometimes a coloured background."""
     text = _caption(shape, colour, style, rng, style_rate)
@@ -292,7 +335,8 @@ def render_parallel(spec: WorldSpec, stream: str, labels: np.ndarray, domains: n
     bounds = np.linspace(0, n, 8 * workers + 1).astype(int)
     jobs = [
         (spec, stream, list(range(a, b)), labels[a:b].tolist(), domains[a:b].tolist())
-        for a, b in zip(bounds[:-1], bounds[1:]) if b > a
+        for a, b in zip(bounds[:-1], bounds[1:])
+        if b > a
     ]
     with get_context("spawn").Pool(workers) as pool:
         return np.concatenate(pool.map(_render_chunk, jobs))

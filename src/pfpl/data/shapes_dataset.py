@@ -16,8 +16,14 @@ class ShapesDataset(VisionDataset):
 
     name = "shapes"
 
-    def __init__(self, seed: int = 0, per_class_domain: dict[str, int] | None = None,
-                 image_size: int = 64, workers: int = 1, naming: str = "curated"):
+    def __init__(
+        self,
+        seed: int = 0,
+        per_class_domain: dict[str, int] | None = None,
+        image_size: int = 64,
+        workers: int = 1,
+        naming: str = "curated",
+    ):
         self.spec = shapes.WorldSpec(seed=seed, image_size=image_size)
         self.per_class_domain = {"train": 20, "val": 4, "test": 10, **(per_class_domain or {})}
         self.classnames = shapes.class_names(naming)  # names never change pixels

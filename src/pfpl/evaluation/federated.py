@@ -25,11 +25,13 @@ class EvalPlan:
     neighbor: list[torch.Tensor]
 
     @classmethod
-    def build(cls, partition: Partition, train: Features, test: Features) -> "EvalPlan":
+    def build(cls, partition: Partition, train: Features, test: Features) -> EvalPlan:
         tr_l, tr_d = train.labels.numpy(), train.domains.numpy()
         te_l, te_d = test.labels.numpy(), test.domains.numpy()
-        local = [(torch.as_tensor(ix), torch.as_tensor(w, dtype=torch.float32))
-                 for ix, w in client_test_sets(partition, tr_l, tr_d, te_l, te_d)]
+        local = [
+            (torch.as_tensor(ix), torch.as_tensor(w, dtype=torch.float32))
+            for ix, w in client_test_sets(partition, tr_l, tr_d, te_l, te_d)
+        ]
         classes = [set(c.tolist()) for c in partition.client_classes(tr_l)]
         neighbor = []
         for i, own in enumerate(classes):
@@ -50,14 +52,16 @@ def evaluate_clients(text_features: torch.Tensor, test: Features, plan: EvalPlan
     """Local and neighbor accuracy per client for class text features ``[N, C, E]`` (or ``[C, E]``
     shared by all clients)."""
     n = len(plan.local)
+    device = test.features.device
+    text_features = text_features.to(device)
     if text_features.dim() == 2:
         text_features = text_features.expand(n, *text_features.shape)
     local, neighbor = [], []
     for i in range(n):
-        idx, w = plan.local[i]
+        idx, w = plan.local[i][0].to(device), plan.local[i][1].to(device)
         pred = (test.features[idx] @ text_features[i].t()).argmax(-1)
         local.append(float(((pred == test.labels[idx]).float() * w).sum() / w.sum()))
-        nidx = plan.neighbor[i]
+        nidx = plan.neighbor[i].to(device)
         if len(nidx):
             npred = (test.features[nidx] @ text_features[i].t()).argmax(-1)
             neighbor.append(float((npred == test.labels[nidx]).float().mean()))
@@ -65,5 +69,10 @@ def evaluate_clients(text_features: torch.Tensor, test: Features, plan: EvalPlan
             neighbor.append(float("nan"))
     lm, ls = _mean_std(local)
     nm, ns = _mean_std(neighbor)
-    return {"local": lm, "local_std": ls, "neighbor": nm, "neighbor_std": ns,
-            "per_client": {"local": local, "neighbor": neighbor}}
+    return {
+        "local": lm,
+        "local_std": ls,
+        "neighbor": nm,
+        "neighbor_std": ns,
+        "per_client": {"local": local, "neighbor": neighbor},
+    }

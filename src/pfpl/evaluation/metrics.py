@@ -5,13 +5,11 @@ from __future__ import annotations
 import torch
 
 
-def accuracy_report(pred: torch.Tensor, labels: torch.Tensor, domains: torch.Tensor,
-                    domainnames: list[str]) -> dict:
+def accuracy_report(pred: torch.Tensor, labels: torch.Tensor, domains: torch.Tensor, domainnames: list[str]) -> dict:
     """``{"accuracy": …, "per_domain": {name: …}}``; domains with no samples are left out."""
     correct = (pred == labels).float()
     per_domain = {
-        name: float(correct[domains == d].mean())
-        for d, name in enumerate(domainnames) if bool((domains == d).any())
+        name: float(correct[domains == d].mean()) for d, name in enumerate(domainnames) if bool((domains == d).any())
     }
     return {"accuracy": float(correct.mean()) if len(correct) else float("nan"), "per_domain": per_domain}
 

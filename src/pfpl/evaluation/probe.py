@@ -23,12 +23,17 @@ def _fit(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float, steps: int
     return clf
 
 
-def linear_probe(train: Features, val: Features, test: Features, n_classes: int,
-                 l2_grid: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2)) -> dict:
+def linear_probe(
+    train: Features,
+    val: Features,
+    test: Features,
+    n_classes: int,
+    l2_grid: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2),
+) -> dict:
     """Multinomial logistic regression; the L2 strength is chosen on ``val``. Returns accuracies."""
     mean = train.features.mean(0, keepdim=True)
     std = train.features.std(0, keepdim=True) + 1e-6
-    norm = lambda f: (f - mean) / std  # noqa: E731
+    norm = lambda f: (f - mean) / std
     best = None
     for l2 in l2_grid:
         clf = _fit(norm(train.features), train.labels, n_classes, l2)

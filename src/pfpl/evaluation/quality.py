@@ -18,9 +18,17 @@ from pfpl.evaluation.zeroshot import zero_shot
 from pfpl.prompts.coop import few_shot, fit_coop
 
 
-def measure_quality(backbone: OpenClipBackbone, dataset: VisionDataset, cache_dir: Path | None,
-                    shots: int = 16, n_ctx: int = 16, seed: int = 0, template: str = "a photo of a {}.",
-                    coop_epochs: int = 30, coop_lrs: tuple[float, ...] = (0.002, 0.02, 0.2)) -> dict:
+def measure_quality(
+    backbone: OpenClipBackbone,
+    dataset: VisionDataset,
+    cache_dir: Path | None,
+    shots: int = 16,
+    n_ctx: int = 16,
+    seed: int = 0,
+    template: str = "a photo of a {}.",
+    coop_epochs: int = 30,
+    coop_lrs: tuple[float, ...] = (0.002, 0.02, 0.2),
+) -> dict:
     t0 = time.time()
     train, val, test = (image_features(backbone, dataset, s, cache_dir) for s in ("train", "val", "test"))
     names, domains = dataset.classnames, dataset.domainnames
@@ -32,12 +40,14 @@ def measure_quality(backbone: OpenClipBackbone, dataset: VisionDataset, cache_di
     for lr in coop_lrs:
         ctx = fit_coop(tower, shots_set, backbone.logit_scale, epochs=coop_epochs, lr=lr, seed=seed)
         with torch.no_grad():
-            val_acc = float(((val.features @ tower(ctx)[0].t()).argmax(-1) == val.labels).float().mean())
+            val_acc = float(
+                ((val.features.to(ctx.device) @ tower(ctx)[0].t()).argmax(-1).cpu() == val.labels).float().mean()
+            )
         if best is None or val_acc > best[0]:
             best = (val_acc, lr, ctx)
     val_acc, coop_lr, ctx = best
     with torch.no_grad():
-        coop_pred = (test.features @ tower(ctx)[0].t()).argmax(-1)
+        coop_pred = (test.features.to(ctx.device) @ tower(ctx)[0].t()).argmax(-1).cpu()
     return {
         "backbone": backbone.name,
         "backbone_fingerprint": backbone.fingerprint,
@@ -48,7 +58,14 @@ def measure_quality(backbone: OpenClipBackbone, dataset: VisionDataset, cache_di
         "linear_probe": accuracy_report(probe["pred"], test.labels, test.domains, domains) | {"l2": probe["l2"]},
         "zero_shot": zs | {"template": template},
         "coop": accuracy_report(coop_pred, test.labels, test.domains, domains)
-        | {"shots": shots, "n_ctx": n_ctx, "epochs": coop_epochs, "lr": coop_lr, "lr_grid": list(coop_lrs),
-           "val_accuracy": val_acc, "seed": seed},
+        | {
+            "shots": shots,
+            "n_ctx": n_ctx,
+            "epochs": coop_epochs,
+            "lr": coop_lr,
+            "lr_grid": list(coop_lrs),
+            "val_accuracy": val_acc,
+            "seed": seed,
+        },
         "seconds": round(time.time() - t0, 1),
     }

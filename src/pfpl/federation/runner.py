@@ -1,8 +1,10 @@
 """``pfpl run``: every configured method on one benchmark, checkpointed after each round.
 
-The run folder holds the config, the partition's per-client class and domain counts, per-round
-metrics (JSONL), the final summary (JSON + CSV), a plot, and ``checkpoint.pt``. ``--resume`` reloads
-the checkpoint and continues to the same final metrics as an uninterrupted run of the same seed.
+:class:`Benchmark` is what every method of a run shares (backbone, cached features, partition,
+evaluation plan, prompt tower); :func:`build_engine` puts together one method's simulator and
+privacy plan from the config; :func:`run` trains and evaluates every method into a
+:class:`~pfpl.artifacts.RunFolder`. ``--resume`` reloads the checkpoint and continues to the same
+final metrics as an uninterrupted run of the same seed.
 """
 
 from __future__ import annotations
@@ -10,38 +12,101 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from pfpl import artifacts
-from pfpl.algorithms.base import MethodSettings
-from pfpl.algorithms.methods import METHODS
+from pfpl.algorithms import get_method
+from pfpl.algorithms.base import Method, MethodSettings
+from pfpl.artifacts import ReleasedPrompts, RunFolder, plot_accuracy
 from pfpl.backbones import PromptTower, load_backbone
 from pfpl.config import Config, build_config
 from pfpl.data import build_dataset
+from pfpl.data.clients import ClientData
 from pfpl.data.features import image_features
 from pfpl.data.partitions import make_partition
+from pfpl.errors import CheckpointError
 from pfpl.evaluation.federated import EvalPlan, evaluate_clients
 from pfpl.evaluation.zeroshot import zero_shot_text_features
-from pfpl.federation.simulator import EngineSettings, Simulator, steps_per_round
-from pfpl.privacy.mechanisms import build_privacy, validate_dp
+from pfpl.federation.client import TrainSettings, steps_per_round
+from pfpl.federation.simulator import Simulator
+from pfpl.messages import WeightedMean
+from pfpl.privacy.plan import MethodLeaves, PrivacyPlan, TrainingShape, plan_privacy, validate_dp
+
+Progress = Callable[[str, int, int], None]
 
 
-def engine_settings(cfg: Config) -> EngineSettings:
+def train_settings(cfg: Config) -> TrainSettings:
     f, t = cfg.federation, cfg.train
-    return EngineSettings(rounds=f.rounds, local_steps=f.local_steps, batch_size=f.batch_size, sync=f.sync,
-                          participation=f.participation, lr=t.lr, momentum=t.momentum,
-                          weight_decay=t.weight_decay, cosine=t.cosine, seed=cfg.seed)
+    sampling = cfg.dp.sampling if cfg.dp.mode != "off" else "shuffle"
+    return TrainSettings(
+        rounds=f.rounds,
+        local_steps=f.local_steps,
+        batch_size=f.batch_size,
+        sync=f.sync,
+        participation=f.participation,
+        lr=t.lr,
+        momentum=t.momentum,
+        weight_decay=t.weight_decay,
+        cosine=t.cosine,
+        seed=cfg.seed,
+        sampling=sampling,
+    )
 
 
 def method_settings(cfg: Config) -> MethodSettings:
     t = cfg.train
-    return MethodSettings(rank=t.rank, init_std=cfg.prompt.init_std, fedpgp_mu=t.fedpgp_mu,
-                          fedpgp_temperature=t.fedpgp_temperature)
+    return MethodSettings(
+        rank=t.rank, init_std=cfg.prompt.init_std, fedpgp_mu=t.fedpgp_mu, fedpgp_temperature=t.fedpgp_temperature
+    )
+
+
+def method_leaves(method: Method) -> MethodLeaves:
+    """The privacy plan's view of a method: which of its leaves are private, which are shared."""
+    shared = set(method.shared_params)
+    return MethodLeaves(
+        method.name,
+        tuple(x for x in method.leaves if method.is_private_leaf(x)),
+        tuple(x for x in method.leaves if method.param_of(x) in shared),
+    )
+
+
+def build_engine(
+    cfg: Config,
+    method_name: str,
+    tower: PromptTower,
+    data: ClientData,
+    scale: float,
+    reference: torch.Tensor | None = None,
+    settings: TrainSettings | None = None,
+    method: Method | None = None,
+) -> tuple[Simulator, PrivacyPlan]:
+    """One method's simulator, with the config's sample-level mechanism and DP aggregation, and its plan."""
+    settings = settings or train_settings(cfg)
+    method = method or get_method(method_name)(method_settings(cfg))
+    shape = TrainingShape(
+        sizes=tuple(data.sizes()),
+        batch_size=settings.batch_size,
+        steps_per_round=steps_per_round(data.sizes(), settings),
+        rounds=settings.rounds,
+        sync=settings.sync,
+        participation=settings.participation,
+        sampling=settings.sampling,
+    )
+    plan = plan_privacy(cfg.dp, method_leaves(method), shape)
+    sim = Simulator(
+        method,
+        tower,
+        data,
+        settings,
+        scale,
+        reference,
+        mechanism=plan.gradient_mechanism(),
+        aggregator=plan.wrap_aggregator(WeightedMean()),
+    )
+    return sim, plan
 
 
 class Benchmark:
@@ -49,26 +114,41 @@ class Benchmark:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.backbone = load_backbone(cfg.backbone.name, cfg.backbone.pretrained, cfg.backbone.device, str(cfg.cache_dir))
+        self.backbone = load_backbone(
+            cfg.backbone.name, cfg.backbone.pretrained, cfg.backbone.device, str(cfg.cache_dir)
+        )
+        self.device = self.backbone.device
         self.dataset = build_dataset(cfg.data)
         self.train = image_features(self.backbone, self.dataset, "train", cfg.cache_dir)
-        self.test = image_features(self.backbone, self.dataset, "test", cfg.cache_dir)
+        self.test = image_features(self.backbone, self.dataset, "test", cfg.cache_dir).to(self.device)
         f = cfg.federation
-        self.partition = make_partition(self.train.labels.numpy(), self.train.domains.numpy(), f.n_clients,
-                                        f.partition, cfg.seed, alpha=f.alpha, classes_per_client=f.classes_per_client)
+        self.partition = make_partition(
+            self.train.labels.numpy(),
+            self.train.domains.numpy(),
+            f.n_clients,
+            f.partition,
+            cfg.seed,
+            alpha=f.alpha,
+            classes_per_client=f.classes_per_client,
+        )
         self.plan = EvalPlan.build(self.partition, self.train, self.test)
-        self.tower = PromptTower(self.backbone, self.dataset.classnames, cfg.prompt.n_ctx,
-                                 max_sequences=cfg.train.max_sequences)
+        self.tower = PromptTower(
+            self.backbone, self.dataset.classnames, cfg.prompt.n_ctx, max_sequences=cfg.train.max_sequences
+        )
         self.reference = zero_shot_text_features(self.backbone, self.dataset.classnames, cfg.prompt.template)
 
     def counts_table(self) -> list[dict]:
-        return self.partition.counts_table(self.train.labels.numpy(), self.train.domains.numpy(),
-                                           self.dataset.classnames, self.dataset.domainnames)
+        return self.partition.counts_table(
+            self.train.labels.numpy(), self.train.domains.numpy(), self.dataset.classnames, self.dataset.domainnames
+        )
 
-    def simulator(self, method_name: str) -> Simulator:
-        method = METHODS[method_name](method_settings(self.cfg))
-        return Simulator(method, self.tower, self.train, self.partition.clients, engine_settings(self.cfg),
-                         self.backbone.logit_scale, self.reference)
+    def client_data(self) -> ClientData:
+        return ClientData(self.train, self.partition.clients, self.device)
+
+    def engine(self, method_name: str) -> tuple[Simulator, PrivacyPlan]:
+        return build_engine(
+            self.cfg, method_name, self.tower, self.client_data(), self.backbone.logit_scale, self.reference
+        )
 
     def evaluate(self, text_features: torch.Tensor) -> dict:
         return evaluate_clients(text_features, self.test, self.plan)
@@ -93,33 +173,41 @@ def new_run_dir(cfg: Config) -> Path:
     return path
 
 
-def run(cfg: Config, run_dir: Path, state: dict | None = None,
-        progress: Callable[[str, int, int], None] | None = None) -> dict:
+def released(sim: Simulator, clients: list) -> ReleasedPrompts:
+    return ReleasedPrompts(
+        context=sim.personalized_context().cpu(),
+        shared={k: v.cpu() for k, v in sim.server.shared.items()},
+        groups=sim.server.groups.cpu(),
+        local={k: v.cpu() for k, v in sim.local.items()},
+        clients=[torch.as_tensor(ix) for ix in clients],
+    )
+
+
+def run(cfg: Config, run_dir: Path, state: dict | None = None, progress: Progress | None = None) -> dict:
     """Train and evaluate every method of ``cfg`` into ``run_dir``; ``state`` resumes a checkpoint."""
     validate_dp(cfg.dp, cfg.train.methods)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = run_dir / "checkpoint.pt"
+    folder = RunFolder(run_dir)
     config_dump = json.loads(cfg.model_dump_json())
     if state is None:
         state = {"config": config_dump, "completed": {}, "history": [], "current": None}
-        artifacts.write_json(run_dir / "config.json", config_dump)
+        folder.write_config(config_dump)
     bench = Benchmark(cfg)
     fingerprints = {"backbone": bench.backbone.fingerprint, "dataset": bench.dataset.fingerprint}
     if state.setdefault("fingerprints", fingerprints) != fingerprints:
-        raise artifacts.CheckpointError(
+        raise CheckpointError(
             f"{run_dir} was trained with backbone/dataset fingerprints {state['fingerprints']}, but they are now "
-            f"{fingerprints}; resuming would mix two different models or datasets")
-    artifacts.write_json(run_dir / "partition.json", {"scheme": bench.partition.scheme,
-                                                      "params": bench.partition.params,
-                                                      "clients": bench.counts_table()})
+            f"{fingerprints}; resuming would mix two different models or datasets"
+        )
+    folder.write_partition(
+        {"scheme": bench.partition.scheme, "params": bench.partition.params, "clients": bench.counts_table()}
+    )
     zero_shot = _headline(bench.evaluate(bench.reference))
     history: list[dict] = state["history"]
     t_start = time.time()
     for name in cfg.train.methods:
         if name in state["completed"]:
             continue
-        sim = bench.simulator(name)
-        plan = build_privacy(sim, cfg.dp, cfg.federation.rounds, name)
+        sim, plan = bench.engine(name)
         current = state.get("current")
         if current and current["method"] == name:
             sim.load_state_dict(current["sim"])
@@ -127,24 +215,32 @@ def run(cfg: Config, run_dir: Path, state: dict | None = None,
             t0 = time.time()
             info = sim.run_round()
             result = bench.evaluate(sim.text_features())
-            eps = plan.epsilons(sim.participations) if plan else [math.inf] * sim.n_clients
-            history.append({"method": name, "round": sim.round, **_headline(result), **info,
-                            "epsilon": _finite(max(eps)), "epsilon_per_client": [_finite(e) for e in eps],
-                            "seconds": round(time.time() - t0, 3)})
+            eps = plan.epsilons(sim.participations)
+            history.append(
+                {
+                    "method": name,
+                    "round": sim.round,
+                    **_headline(result),
+                    **info,
+                    "epsilon": _finite(max(eps)),
+                    "epsilon_per_client": [_finite(e) for e in eps],
+                    "seconds": round(time.time() - t0, 3),
+                }
+            )
             state["current"] = {"method": name, "sim": sim.state_dict()}
             if sim.round == cfg.federation.rounds:
-                artifacts.save_checkpoint(run_dir / f"prompts-{name}.pt", {
-                    "context": sim.personalized_context(), "params": sim.params,
-                    "clients": [torch.as_tensor(ix) for ix in bench.partition.clients]})
+                folder.save_prompts(name, released(sim, bench.partition.clients))
                 state["completed"][name] = {
-                    **_headline(result), "epsilon": _finite(max(eps)),
+                    **_headline(result),
+                    "epsilon": _finite(max(eps)),
                     "epsilon_per_client": [_finite(e) for e in eps],
-                    "privacy": plan.describe() if plan else {"mode": "off"},
-                    "client_level_epsilon": plan.client_level_epsilon(cfg.federation.rounds) if plan else None,
-                    "per_client": result["per_client"]}
+                    "privacy": plan.describe(),
+                    "client_level_epsilon": plan.client_level_epsilon(cfg.federation.rounds),
+                    "per_client": result["per_client"],
+                }
                 state["current"] = None
-            artifacts.save_checkpoint(ckpt_path, state)
-            artifacts.write_jsonl(run_dir / "metrics.jsonl", history)
+            folder.save_checkpoint(state)
+            folder.write_metrics(history)
             if progress:
                 progress(name, sim.round, cfg.federation.rounds)
     summary = {
@@ -152,28 +248,25 @@ def run(cfg: Config, run_dir: Path, state: dict | None = None,
         "zero_shot": zero_shot,
         "run_dir": str(run_dir),
         "seconds": round(time.time() - t_start, 1),
-        "setup": {"backbone": bench.backbone.name, "dataset": bench.dataset.name, "seed": cfg.seed,
-                  "n_clients": cfg.federation.n_clients, "partition": cfg.federation.partition,
-                  "rounds": cfg.federation.rounds, "sync": cfg.federation.sync, "dp": cfg.dp.mode,
-                  "local_steps": steps_per_round(bench.partition.sizes(), engine_settings(cfg))},
+        "setup": {
+            "backbone": bench.backbone.name,
+            "dataset": bench.dataset.name,
+            "seed": cfg.seed,
+            "n_clients": cfg.federation.n_clients,
+            "partition": cfg.federation.partition,
+            "rounds": cfg.federation.rounds,
+            "sync": cfg.federation.sync,
+            "dp": cfg.dp.mode,
+            "local_steps": steps_per_round(bench.partition.sizes(), train_settings(cfg)),
+        },
     }
-    artifacts.write_json(run_dir / "summary.json", summary)
-    artifacts.write_summary_csv(run_dir / "summary.csv", summary)
-    artifacts.plot_accuracy(run_dir / "accuracy.png", history, zero_shot)
+    folder.write_summary(summary)
+    folder.write_figure("accuracy.png", plot_accuracy(history, zero_shot))
     return summary
 
 
-def resume(run_dir: Path, progress: Callable[[str, int, int], None] | None = None) -> dict:
+def resume(run_dir: Path, progress: Progress | None = None) -> dict:
     """Continue a killed run from its last completed round."""
-    state = artifacts.load_checkpoint(run_dir / "checkpoint.pt")
+    state = RunFolder(run_dir).load_checkpoint()
     cfg = build_config(state["config"])
     return run(cfg, run_dir, state, progress)
-
-
-def progress_bar(total: int, enabled: bool):
-    """A rich progress bar over rounds, or a no-op when disabled (tests, pipes)."""
-    if not enabled:
-        return nullcontext(None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

@@ -6,29 +6,15 @@ skipping finished runs and continuing a killed one from its checkpoint.
 
 from __future__ import annotations
 
-import io
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from pfpl import artifacts
+from pfpl.artifacts import RunFolder, atomic_write_bytes, atomic_write_text, figure_bytes, write_json
 from pfpl.config import Config, build_config
 from pfpl.federation.runner import resume, run
-from pfpl.privacy.mechanisms import validate_dp
-
-DEFAULT_EPSILONS = (0.1, 0.5, 1.0, 2.0, 4.0, 8.0, math.inf)
-
-
-def parse_epsilons(text: str) -> list[float]:
-    values = []
-    for item in text.split(","):
-        item = item.strip().lower()
-        value = math.inf if item in ("inf", "∞") else float(item)
-        if not value > 0:
-            raise ValueError(f"--epsilons: ε must be > 0 (or inf), got {item!r}")
-        values.append(value)
-    return values
+from pfpl.privacy.plan import validate_dp
 
 
 def _label(eps: float) -> str:
@@ -51,17 +37,18 @@ def sweep_configs(cfg: Config, epsilons: list[float]) -> dict[str, Config]:
     return out
 
 
-def run_sweep(cfg: Config, epsilons: list[float], folder: Path,
-              progress: Callable[[str, str, int, int], None] | None = None) -> dict:
+def run_sweep(
+    cfg: Config, epsilons: list[float], folder: Path, progress: Callable[[str, str, int, int], None] | None = None
+) -> dict:
     configs = sweep_configs(cfg, epsilons)
     folder.mkdir(parents=True, exist_ok=True)
     results = {}
     for label, sub in configs.items():
         run_dir = folder / f"eps-{label}"
         cb = (lambda m, d, t, label=label: progress(label, m, d, t)) if progress else None
-        if (run_dir / "summary.json").exists():
-            summary = json.loads((run_dir / "summary.json").read_text())
-        elif (run_dir / "checkpoint.pt").exists():
+        if RunFolder(run_dir).has_summary():
+            summary = RunFolder(run_dir).read_summary()
+        elif RunFolder(run_dir).has_checkpoint():
             summary = resume(run_dir, cb)
         else:
             summary = run(sub, run_dir, progress=cb)
@@ -70,11 +57,16 @@ def run_sweep(cfg: Config, epsilons: list[float], folder: Path,
         "epsilons": list(configs),
         "mode": cfg.dp.mode if cfg.dp.mode != "off" else "feature",
         "delta": cfg.dp.delta,
-        "methods": {m: {label: {k: results[label]["methods"][m][k] for k in ("local", "neighbor", "epsilon")}
-                        for label in configs} for m in cfg.train.methods},
+        "methods": {
+            m: {
+                label: {k: results[label]["methods"][m][k] for k in ("local", "neighbor", "epsilon")}
+                for label in configs
+            }
+            for m in cfg.train.methods
+        },
         "zero_shot": next(iter(results.values()))["zero_shot"] if results else None,
     }
-    artifacts.write_json(folder / "sweep.json", table)
+    write_json(folder / "sweep.json", table)
     _write_csv(folder / "sweep.csv", table)
     plot_sweep(folder / "sweep.png", table)
     return table
@@ -86,7 +78,7 @@ def _write_csv(path: Path, table: dict) -> None:
         for label, r in by_eps.items():
             achieved = "inf" if r["epsilon"] is None else f"{r['epsilon']:.4f}"
             lines.append(f"{m},{label},{achieved},{r['local']:.4f},{r['neighbor']:.4f}")
-    artifacts.atomic_write_text(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def plot_sweep(path: Path, table: dict) -> None:
@@ -114,7 +106,5 @@ def plot_sweep(path: Path, table: dict) -> None:
     axes[0].set_ylabel("accuracy (mean over clients)")
     axes[1].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(path, figure_bytes(fig))
     plt.close(fig)
-    artifacts.atomic_write_bytes(path, buf.getvalue())

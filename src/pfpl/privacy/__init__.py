@@ -1,4 +1,6 @@
-"""Differential privacy for pfpl: accounting (opacus RDP / PRV, dp-accounting RDP) and validation."""
+"""Differential privacy (Opacus's split): sample-level gradient mechanisms (:mod:`.mechanisms`),
+server-side DP aggregators (:mod:`.aggregation`), accountants (:mod:`.accounting`) and a run's
+privacy plan (:mod:`.plan`)."""
 
 from __future__ import annotations
 

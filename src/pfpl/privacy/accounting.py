@@ -40,6 +40,8 @@ from dp_accounting.rdp import RdpAccountant
 from opacus.accountants import PRVAccountant
 from opacus.accountants.analysis import rdp as opacus_rdp
 
+from pfpl.errors import PrivacyConfigError
+
 __all__ = [
     "ACCOUNTANTS",
     "PRV_EPS_ERROR",
@@ -74,10 +76,6 @@ _EXTREME_ORDER_WARNING = "Optimal order is the"
 _PRV_FALLBACK_WARNING = "PRV discretisation too large"
 
 
-class PrivacyConfigError(ValueError):
-    """An invalid privacy setting: one line naming the value and what is allowed."""
-
-
 def _bad(name: str, value: object, allowed: str) -> PrivacyConfigError:
     return PrivacyConfigError(f"{name}={value!r} is invalid: {allowed}")
 
@@ -87,7 +85,9 @@ def _is_real(value: object) -> bool:
 
 
 def validate(epsilon=None, delta=None, clip=None, sample_rate=None, *, noise_multiplier=None, steps=None) -> None:
-    """Checks privacy settings (None = not checked) for add/remove-one-record, sample-level DP; raises PrivacyConfigError."""
+    """Checks privacy settings (None = not checked) for add/remove-one-record, sample-level DP.
+
+    Raises PrivacyConfigError."""
     if epsilon is not None and not (_is_real(epsilon) and epsilon > 0):
         raise _bad("epsilon", epsilon, "must be > 0 (inf allowed, meaning non-private)")
     if delta is not None and not (_is_real(delta) and 0 < delta < 1):
@@ -104,7 +104,8 @@ def validate(epsilon=None, delta=None, clip=None, sample_rate=None, *, noise_mul
 
 @dataclass(frozen=True)
 class Mechanism:
-    """A Gaussian mechanism run `steps` times with Poisson sampling rate q (q = 1: no amplification); add/remove-one adjacency."""
+    """A Gaussian mechanism run `steps` times with Poisson sampling rate q (q = 1: no amplification);
+    add/remove-one adjacency."""
 
     noise_multiplier: float
     sample_rate: float
@@ -229,7 +230,8 @@ def _eps_history(history: list[tuple[float, float, int]], delta: float, accounta
 
 
 def epsilon(mechanisms: Mechanism | Sequence[Mechanism], delta: float, accountant: str = "rdp") -> float:
-    """ε at δ of the adaptive composition of all mechanisms on the same records (add/remove-one, sample-level, Poisson subsampling if q < 1)."""
+    """ε at δ of the adaptive composition of all mechanisms on the same records
+    (add/remove-one, sample-level, Poisson subsampling if q < 1)."""
     validate(delta=delta)
     _check_accountant(accountant)
     return _eps_history(_history(_as_list(mechanisms)), delta, accountant)
@@ -243,7 +245,8 @@ def calibrate_noise(
     accountant: str = "rdp",
     n_mechanisms: int = 1,
 ) -> float:
-    """Smallest σ (to ~1e-6 relative; 1e-3 for PRV) whose n composed (σ, q, steps) mechanisms reach ε ≤ target at δ (add/remove-one, sample-level, Poisson if q < 1)."""
+    """Smallest σ (to ~1e-6 relative; 1e-3 for PRV) whose n composed (σ, q, steps) mechanisms reach ε ≤ target at δ
+    (add/remove-one, sample-level, Poisson if q < 1)."""
     validate(epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps)
     _check_accountant(accountant)
     if not (isinstance(n_mechanisms, numbers.Integral) and not isinstance(n_mechanisms, bool) and n_mechanisms >= 1):
@@ -288,7 +291,8 @@ def calibrate_noise(
 def epsilon_curve(
     mechanism_per_round: Sequence[Sequence[Mechanism]], delta: float, accountant: str = "rdp"
 ) -> list[float]:
-    """Cumulative ε at δ after each round, composing every round so far on the same records (add/remove-one, sample-level, Poisson if q < 1)."""
+    """Cumulative ε at δ after each round, composing every round so far on the same records
+    (add/remove-one, sample-level, Poisson if q < 1)."""
     validate(delta=delta)
     _check_accountant(accountant)
     rounds = [_as_list(r) for r in mechanism_per_round]

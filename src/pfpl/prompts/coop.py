@@ -10,16 +10,29 @@ from pfpl.backbones.prompt_tower import PromptTower
 from pfpl.data.features import Features
 
 
-def init_context(n_ctx: int, dim: int, std: float, generator: torch.Generator, batch: tuple[int, ...] = ()) -> torch.Tensor:
+def init_context(
+    n_ctx: int, dim: int, std: float, generator: torch.Generator, batch: tuple[int, ...] = ()
+) -> torch.Tensor:
     """Random N(0, std²) context vectors, as CoOp's random initialisation."""
     return torch.randn(*batch, n_ctx, dim, generator=generator) * std
 
 
-def fit_coop(tower: PromptTower, train: Features, scale: float, epochs: int = 30, batch_size: int = 32,
-             lr: float = 0.002, momentum: float = 0.9, init_std: float = 0.02, seed: int = 0) -> torch.Tensor:
+def fit_coop(
+    tower: PromptTower,
+    train: Features,
+    scale: float,
+    epochs: int = 30,
+    batch_size: int = 32,
+    lr: float = 0.002,
+    momentum: float = 0.9,
+    init_std: float = 0.02,
+    seed: int = 0,
+) -> torch.Tensor:
     """Train a unified CoOp context with SGD + cosine schedule; returns the context ``[M, D]``."""
     gen = torch.Generator().manual_seed(seed)
-    ctx = init_context(tower.n_ctx, tower.backbone.ctx_dim, init_std, gen).requires_grad_(True)
+    device = tower.backbone.device
+    ctx = init_context(tower.n_ctx, tower.backbone.ctx_dim, init_std, gen).to(device).requires_grad_(True)
+    train = train.to(device)
     opt = torch.optim.SGD([ctx], lr=lr, momentum=momentum)
     n = len(train)
     steps = epochs * max(1, -(-n // batch_size))
@@ -27,7 +40,7 @@ def fit_coop(tower: PromptTower, train: Features, scale: float, epochs: int = 30
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen)
         for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size].to(device)
             text = tower(ctx)[0]
             loss = F.cross_entropy(scale * train.features[idx] @ text.t(), train.labels[idx])
             opt.zero_grad(set_to_none=True)

@@ -9,7 +9,11 @@ published code flips the last sign and divides by 10; pfpl does neither).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+
+from pfpl.streams import randn_rows
 
 
 def orthonormalise(x: torch.Tensor) -> torch.Tensor:
@@ -20,12 +24,17 @@ def orthonormalise(x: torch.Tensor) -> torch.Tensor:
     return q * sign.unsqueeze(-2)
 
 
-def factorize(p: torch.Tensor, rank: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(u [..., M, k], v [..., k, D], r [..., M, D]) for prompts ``p`` [..., M, D], batched over leading dims."""
+def factorize(
+    p: torch.Tensor, rank: int, gens: Sequence[torch.Generator]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(u [B, M, k], v [B, k, D], r [B, M, D]) for prompts ``p`` [B, M, D]; client ``i``'s random
+    start comes from ``gens[i]``, so a client factorizes the same alone or in a batch."""
     m, d = p.shape[-2:]
     if not 1 <= rank <= min(m, d):
         raise ValueError(f"rank {rank} must be between 1 and min(n_ctx, dim) = {min(m, d)}")
-    v0 = torch.randn(*p.shape[:-2], d, rank, generator=generator, dtype=p.dtype).to(p.device)
+    if len(gens) != p.shape[0]:
+        raise ValueError(f"{len(gens)} generators for {p.shape[0]} prompts")
+    v0 = randn_rows(gens, (d, rank), p.device, p.dtype)
     u = orthonormalise(p @ v0)
     v = orthonormalise(p.transpose(-1, -2) @ u).transpose(-1, -2)
     return u, v, p - u @ v

@@ -11,63 +11,72 @@ import numpy as np
 import pytest
 import torch
 
-from pfpl.algorithms import methods as M
 from pfpl.algorithms.base import MethodSettings
+from pfpl.artifacts import ReleasedPrompts, RunFolder
+from pfpl.audit.audit import audit_targets
+from pfpl.audit.metrics import roc_auc
+from pfpl.audit.sets import half_splits, matched_sets
+from pfpl.audit.shadows import AuditTarget, ShadowTraining
 from pfpl.backbones.prompt_tower import PromptTower
-from pfpl.config import build_config
+from pfpl.config import Config, build_config
+from pfpl.data.clients import ClientData
 from pfpl.data.features import Features
-from pfpl.federation.simulator import EngineSettings, Simulator
-from pfpl.privacy.audit import AuditTarget, ShadowTraining, audit_targets, half_splits, matched_sets
-from pfpl.privacy.audit_metrics import roc_auc
-from pfpl.privacy.mechanisms import build_privacy
+from pfpl.federation.client import TrainSettings
+from pfpl.federation.runner import build_engine
 
-CLASSES = ["red circle", "blue star", "green ring", "yellow arrow", "red cross", "blue square"]
 SCALE = 20.0
 SETTINGS = MethodSettings(init_std=0.3)
 # a CoOp prompt overfit to its records: full batch, many steps, a large step for the random tiny tower
-ENGINE = EngineSettings(rounds=200, local_steps=1, batch_size=64, lr=5.0, cosine=False, seed=5)
+ENGINE = TrainSettings(rounds=200, local_steps=1, batch_size=64, lr=5.0, cosine=False, seed=5)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def world():
+@pytest.fixture
+def world(tiny, classes):
     """Tiny backbone, prompt tower, and record generator: noisy features around class centres, so a
     prompt generalises a little and can memorise the noise of the records it trains on."""
-    from conftest import tiny_backbone
-
-    backbone = tiny_backbone(0)
-    dim = backbone.model.text_projection.shape[1]
-    centres = torch.nn.functional.normalize(torch.randn(len(CLASSES), dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+    dim = tiny.model.text_projection.shape[1]
+    centres = torch.nn.functional.normalize(
+        torch.randn(len(classes), dim, generator=torch.Generator().manual_seed(0)), dim=-1
+    )
 
     def records(per_class: int, seed: int, noise: float = 3.0) -> Features:
         gen = torch.Generator().manual_seed(seed)
-        labels = torch.arange(len(CLASSES)).repeat_interleave(per_class)
+        labels = torch.arange(len(classes)).repeat_interleave(per_class)
         x = centres[labels] + noise * torch.randn(len(labels), dim, generator=gen) / math.sqrt(dim)
         return Features(torch.nn.functional.normalize(x, dim=-1), labels, torch.arange(len(labels)) % 2)
 
-    return PromptTower(backbone, CLASSES, n_ctx=4), records
+    return PromptTower(tiny, classes, n_ctx=4), records
 
 
-def _train(tower, feats: Features, dp=None) -> tuple[torch.Tensor, float]:
-    """A CoOp prompt trained on ``feats`` alone: (released context [M, D], accountant ε)."""
-    sim = Simulator(M.CoOp(SETTINGS), tower, feats, [np.arange(len(feats))], ENGINE, SCALE)
-    plan = build_privacy(sim, dp, ENGINE.rounds, "coop") if dp is not None else None
+def _train(tower, feats: Features, cfg: Config) -> tuple[torch.Tensor, float]:
+    """A CoOp prompt trained on ``feats`` alone, by the run's engine factory: (released context [M, D], ε)."""
+    settings = ENGINE if cfg.dp.mode == "off" else TrainSettings(**{**ENGINE.__dict__, "sampling": cfg.dp.sampling})
+    sim, plan = build_engine(cfg, "coop", tower, ClientData(feats, [np.arange(len(feats))]), SCALE, settings=settings)
     for _ in range(ENGINE.rounds):
         sim.run_round()
-    return sim.personalized_context()[0], (plan.epsilons(sim.participations)[0] if plan else math.inf)
+    return sim.personalized_context()[0], plan.epsilons(sim.participations)[0]
 
 
-def _audit(tower, records, trained_on: str, per_class: int, dp=None, shadows: int = 8):
+def _audit(tower, records, trained_on: str, per_class: int, dp: dict | None = None, shadows: int = 8):
+    cfg = build_config({"prompt": {"init_std": SETTINGS.init_std}, "dp": dp or {}})
     train, heldout, pool = records(per_class, 1), records(per_class, 2), records(2 * per_class, 3)
     sets = matched_sets(np.arange(len(train)), train, heldout, pool, seed=0)
     fit_on = train if trained_on == "members" else records(per_class, 4)  # "elsewhere": disjoint records
-    context, eps = _train(tower, fit_on, dp)
-    target = AuditTarget(0, context, train.subset(sets.members), heldout.subset(sets.nonmembers),
-                         pool.subset(sets.shadow_pool), accountant_epsilon=eps)
-    return audit_targets(tower, SCALE, ShadowTraining("coop", ENGINE, SETTINGS, dp=dp), [target],
-                         shadows=shadows, seed=0), eps
+    context, eps = _train(tower, fit_on, cfg)
+    target = AuditTarget(
+        0,
+        context,
+        train.subset(sets.members),
+        heldout.subset(sets.nonmembers),
+        pool.subset(sets.shadow_pool),
+        accountant_epsilon=eps,
+    )
+    return audit_targets(
+        tower, SCALE, ShadowTraining("coop", ENGINE, SETTINGS, config=cfg), [target], shadows=shadows, seed=0
+    ), eps
 
 
 def test_a_prompt_overfit_to_a_handful_of_records_is_detected(world):
@@ -95,11 +104,12 @@ def test_a_prompt_trained_without_the_targets_sits_at_chance(world):
 
 def test_dp_audit_never_beats_the_accountant(world):
     """Strong DP (ε = 1) on the same overfitting recipe: the audit's ε lower bound stays below ε."""
-    dp = build_config({"dp": {"mode": "feature", "target_epsilon": 1.0, "clip": 1.0}}).dp
+    dp = {"mode": "feature", "target_epsilon": 1.0, "clip": 1.0}
     result, eps = _audit(*world, trained_on="members", per_class=3, dp=dp)
     assert 0 < eps <= 1.0 + 1e-6
-    rows = list(result.report["attacks"].values()) + \
-        [a for c in result.report["per_client"].values() for a in c["attacks"].values()]
+    rows = list(result.report["attacks"].values()) + [
+        a for c in result.report["per_client"].values() for a in c["attacks"].values()
+    ]
     for a in rows:
         assert a["eps_lower_bound"] <= eps, a
         assert not a["exceeds_accountant"]
@@ -140,29 +150,33 @@ def test_lira_shadows_see_every_record_in_half_of_them():
 
 def _fake_run(folder, methods=("coop",)):
     """A finished-looking run folder: enough for the CLI's checks, which come before any training."""
-    folder.mkdir()
+    run = RunFolder(folder)
     cfg = build_config({"train": {"methods": list(methods)}})
-    (folder / "config.json").write_text(cfg.model_dump_json())
+    run.write_config(json.loads(cfg.model_dump_json()))
     (folder / "summary.json").write_text(json.dumps({"methods": {m: {"epsilon": None} for m in methods}}))
     for m in methods:
-        torch.save({"context": torch.zeros(2, 4, 8), "params": {}, "clients": [torch.arange(3)] * 2},
-                   folder / f"prompts-{m}.pt")
+        run.save_prompts(
+            m, ReleasedPrompts(torch.zeros(2, 4, 8), {}, torch.zeros(2, dtype=torch.long), {}, [torch.arange(3)] * 2)
+        )
     return folder
 
 
-@pytest.mark.parametrize("args, message", [
-    (["{missing}"], "no run folder"),
-    (["{run}", "--shadows", "1"], "--shadows must be at least 4"),
-    (["{run}", "--shadows", "3"], "--shadows must be at least 4"),
-    (["{run}", "--methods", "dpfpl"], "method 'dpfpl' is not in run"),
-    (["{run}", "--clients", "0-5"], "client 2 does not exist"),
-    (["{run}", "--members", "0"], "--members must be at least 1"),
-    ([], "give a run folder"),
-    (["{run}", "--config", "x.toml"], "either RUN_DIR"),
-    (["{unfinished}"], "has not finished"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{missing}"], "no run folder"),
+        (["{run}", "--shadows", "1"], "--shadows must be at least 4"),
+        (["{run}", "--shadows", "3"], "--shadows must be at least 4"),
+        (["{run}", "--methods", "dpfpl"], "method 'dpfpl' is not in run"),
+        (["{run}", "--clients", "0-5"], "client 2 does not exist"),
+        (["{run}", "--members", "0"], "--members must be at least 1"),
+        ([], "give a run folder"),
+        (["{run}", "--config", "x.toml"], "either RUN_DIR"),
+        (["{unfinished}"], "has not finished"),
+    ],
+)
 def test_bad_audit_requests_are_one_line_and_exit_2(tmp_path, capsys, args, message, monkeypatch):
-    from pfpl import cli_audit
+    from pfpl.cli import main
     from pfpl.federation import runner
 
     monkeypatch.setattr(runner, "Benchmark", lambda cfg: pytest.fail("bad input must fail before any work"))
@@ -171,25 +185,44 @@ def test_bad_audit_requests_are_one_line_and_exit_2(tmp_path, capsys, args, mess
     unfinished.mkdir()
     (unfinished / "config.json").write_text((run / "config.json").read_text())
     paths = {"run": run, "missing": tmp_path / "nope", "unfinished": unfinished}
-    code = cli_audit.main([a.format(**paths) for a in args])
+    code = main(["audit", *[a.format(**paths) for a in args]])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("pfpl audit: ") and message in err[0], err
+    assert code == 2 and len(err) == 1 and err[0].startswith("pfpl: ") and message in err[0], err
 
 
 def test_pfpl_audit_config_trains_audits_and_writes_the_report(tmp_path, capsys):
     """End to end on the embedded benchmark, tiny (~6 s): ``--config`` trains a run, then audits it."""
-    from pfpl import cli_audit
+    from pfpl.cli import main
 
-    sets = ["federation.n_clients=4", "federation.partition='iid'", "federation.rounds=2", "federation.local_steps=2",
-            "data.train_per_class_domain=1", "data.val_per_class_domain=1", "data.test_per_class_domain=2",
-            "prompt.n_ctx=2", "train.rank=1", "train.methods=['coop', 'promptfl', 'dpfpl']",
-            f"cache_dir='{tmp_path / 'cache'}'"]
+    sets = [
+        "federation.n_clients=4",
+        "federation.partition='iid'",
+        "federation.rounds=2",
+        "federation.local_steps=2",
+        "data.train_per_class_domain=1",
+        "data.val_per_class_domain=1",
+        "data.test_per_class_domain=2",
+        "prompt.n_ctx=2",
+        "train.rank=1",
+        "train.methods=['coop', 'promptfl', 'dpfpl']",
+        f"cache_dir='{tmp_path / 'cache'}'",
+    ]
     config = Path(__file__).resolve().parents[2] / "configs" / "audit.toml"
-    args = ["--config", str(config), "--out", str(tmp_path / "run"), "--clients", "0,1", "--shadows", "4",
-            "--json"]
+    args = [
+        "audit",
+        "--config",
+        str(config),
+        "--out",
+        str(tmp_path / "run"),
+        "--clients",
+        "0,1",
+        "--shadows",
+        "4",
+        "--json",
+    ]
     for s in sets:
         args += ["--set", s]
-    assert cli_audit.main(args) == 0
+    assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert (tmp_path / "run" / "audit.json").is_file() and (tmp_path / "run" / "audit.png").is_file()
     assert set(report["methods"]) == {"coop", "promptfl", "dpfpl"}

@@ -113,8 +113,7 @@ def _cp_eps(fps: np.ndarray, tps: np.ndarray, n0: int, n1: int, delta: float, le
     return _eps_from_rates(_cp_upper(fps, n0, level), _cp_upper(n1 - tps, n1, level), delta)
 
 
-def empirical_epsilon(scores: Any, is_member: Any, delta: float, confidence: float = 0.95,
-                      seed: int = 0) -> dict:
+def empirical_epsilon(scores: Any, is_member: Any, delta: float, confidence: float = 0.95, seed: int = 0) -> dict:
     """Empirical ε implied by an attack (Jagielski et al. 2020; Nasr et al. 2021).
 
     ``eps_point_estimate``: max over thresholds of the hypothesis-testing bound on all the data,
@@ -145,8 +144,15 @@ def empirical_epsilon(scores: Any, is_member: Any, delta: float, confidence: flo
     fps, tps, _ = _roc_counts(s, y)
     n1, n0 = int(tps[-1]), int(fps[-1])
     point = _eps_from_rates((fps + 0.5) / (n0 + 1), (n1 - tps + 0.5) / (n1 + 1), delta).max()
-    out = {"eps_lower_bound": 0.0, "eps_point_estimate": float(max(point, 0.0)), "threshold": math.inf,
-           "fpr_upper": 1.0, "fnr_upper": 1.0, "confidence": confidence, "delta": delta}
+    out = {
+        "eps_lower_bound": 0.0,
+        "eps_point_estimate": float(max(point, 0.0)),
+        "threshold": math.inf,
+        "fpr_upper": 1.0,
+        "fnr_upper": 1.0,
+        "confidence": confidence,
+        "delta": delta,
+    }
     if n1 < 2 or n0 < 2:
         return out
     level = 1 - (1 - confidence) / 2
@@ -164,8 +170,9 @@ def empirical_epsilon(scores: Any, is_member: Any, delta: float, confidence: flo
     fp, tp = int(((sb >= t_star) & ~yb).sum()), int(((sb >= t_star) & yb).sum())
     fpr_up, fnr_up = _cp_upper(np.array([fp]), n0b, level), _cp_upper(np.array([n1b - tp]), n1b, level)
     lb = float(_eps_from_rates(fpr_up, fnr_up, delta)[0])
-    out.update(eps_lower_bound=max(lb, 0.0), threshold=float(t_star), fpr_upper=float(fpr_up[0]),
-               fnr_upper=float(fnr_up[0]))
+    out.update(
+        eps_lower_bound=max(lb, 0.0), threshold=float(t_star), fpr_upper=float(fpr_up[0]), fnr_upper=float(fnr_up[0])
+    )
     return out
 
 

@@ -2,7 +2,7 @@
 
 Every attack maps the released model's outputs (logits or probabilities over the class prompts) on
 candidate examples to membership scores, "higher = more likely a member", ready for
-:mod:`pfpl.privacy.audit_metrics`. Training the target and shadow prompts is the caller's job.
+:mod:`pfpl.audit.metrics`. Training the target and shadow prompts is the caller's job.
 Inputs may be numpy arrays or torch tensors; scores come back as float64 numpy arrays.
 
 Shadow arrays have shape ``[n_shadows, n_examples]`` and hold NaN wherever the example did not
@@ -36,6 +36,7 @@ def _array(x: Any) -> np.ndarray:
 
 # --- membership labelling -------------------------------------------------------------------------
 
+
 def _proportional(total: int, sizes: np.ndarray) -> np.ndarray:
     """Split ``total`` over groups proportionally to ``sizes`` (largest remainder, exact sum)."""
     raw = total * sizes / sizes.sum()
@@ -44,8 +45,9 @@ def _proportional(total: int, sizes: np.ndarray) -> np.ndarray:
     return out
 
 
-def split_members(n: int, n_members: int, seed: int, n_nonmembers: int | None = None,
-                  labels: Any = None) -> tuple[np.ndarray, np.ndarray]:
+def split_members(
+    n: int, n_members: int, seed: int, n_nonmembers: int | None = None, labels: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Draw disjoint member and non-member index sets from one pool of ``n`` examples.
 
     Members are the examples the target prompt trains on; non-members are held out from the same
@@ -61,7 +63,7 @@ def split_members(n: int, n_members: int, seed: int, n_nonmembers: int | None = 
     rng = np.random.default_rng(seed)
     if labels is None:
         perm = rng.permutation(n)
-        return np.sort(perm[:n_members]), np.sort(perm[n_members:n_members + n_nonmembers])
+        return np.sort(perm[:n_members]), np.sort(perm[n_members : n_members + n_nonmembers])
     labels = _array(labels).astype(np.int64).reshape(-1)
     if labels.size != n:
         raise ValueError(f"labels has {labels.size} entries, expected {n}")
@@ -78,7 +80,7 @@ def split_members(n: int, n_members: int, seed: int, n_nonmembers: int | None = 
     for c, a, b in zip(classes, k_in, k_out):
         idx = rng.permutation(np.flatnonzero(labels == c))
         members.append(idx[:a])
-        nonmembers.append(idx[a:a + b])
+        nonmembers.append(idx[a : a + b])
     return np.sort(np.concatenate(members)), np.sort(np.concatenate(nonmembers))
 
 
@@ -91,6 +93,7 @@ def split_shadow_conf(shadow_conf: Any, shadow_is_member: Any) -> tuple[np.ndarr
 
 
 # --- loss attacks ---------------------------------------------------------------------------------
+
 
 def _ce(logits: Any, labels: Any) -> torch.Tensor:
     """Per-example cross-entropy for logits ``[..., n, C]`` and labels ``[n]``."""
@@ -120,6 +123,7 @@ def calibrated_loss_scores(target_logits: Any, labels: Any, reference_logits: An
 
 
 # --- LiRA -----------------------------------------------------------------------------------------
+
 
 def scaled_logit(logits: Any, labels: Any) -> np.ndarray:
     """LiRA's confidence φ = log p_y − log(1 − p_y) = z_y − logsumexp_{j≠y} z_j (Carlini et al. 2022).
@@ -159,8 +163,9 @@ def _gaussian(values: np.ndarray, variance: Variance, name: str) -> tuple[np.nda
     return mean, np.sqrt(np.maximum(var, 1e-12))
 
 
-def lira_online(target_conf: Any, shadow_in_conf: Any, shadow_out_conf: Any,
-                variance: Variance = "global") -> np.ndarray:
+def lira_online(
+    target_conf: Any, shadow_in_conf: Any, shadow_out_conf: Any, variance: Variance = "global"
+) -> np.ndarray:
     """Online LiRA (Carlini et al. 2022): log N(φ; μ_in, σ_in) − log N(φ; μ_out, σ_out).
 
     Per-example Gaussians fitted to shadow models that did / did not train on the example test
@@ -189,6 +194,7 @@ def lira_offline(target_conf: Any, shadow_out_conf: Any, variance: Variance = "g
 
 
 # --- shadow-model attack --------------------------------------------------------------------------
+
 
 class ShadowModelAttack:
     """Shokri et al. (2017) shadow-model attack, the one DP-FPL reports.
@@ -223,8 +229,7 @@ class ShadowModelAttack:
         w = torch.zeros(x.shape[1], dtype=x.dtype, requires_grad=True)
         b = torch.zeros((), dtype=x.dtype, requires_grad=True)
         weight = torch.where(m, 0.5 / m.sum(), 0.5 / (~m).sum())
-        opt = torch.optim.LBFGS([w, b], lr=1, max_iter=self.max_iter, history_size=20,
-                                line_search_fn="strong_wolfe")
+        opt = torch.optim.LBFGS([w, b], lr=1, max_iter=self.max_iter, history_size=20, line_search_fn="strong_wolfe")
 
         def closure() -> torch.Tensor:
             opt.zero_grad()

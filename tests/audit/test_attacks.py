@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from pfpl.privacy.attacks import (
+from pfpl.audit.attacks import (
     ShadowModelAttack,
     calibrated_loss_scores,
     lira_offline,
@@ -18,7 +18,7 @@ from pfpl.privacy.attacks import (
     split_members,
     split_shadow_conf,
 )
-from pfpl.privacy.audit_metrics import empirical_epsilon, roc_auc
+from pfpl.audit.metrics import empirical_epsilon, roc_auc
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -64,6 +64,7 @@ def _all_scores(w: dict) -> dict[str, np.ndarray]:
 
 # --- building blocks ------------------------------------------------------------------------------
 
+
 def test_scaled_logit_is_stable_logit_of_true_class_probability():
     torch.manual_seed(0)
     z, y = torch.randn(3, 6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 4, 0])
@@ -79,8 +80,9 @@ def test_scaled_logit_is_stable_logit_of_true_class_probability():
 def test_loss_scores_are_negative_cross_entropy_and_calibration_subtracts_reference_mean():
     torch.manual_seed(1)
     z, y = torch.randn(4, 3), torch.tensor([0, 2, 1, 1])
-    np.testing.assert_allclose(loss_threshold_scores(z, y), -F.cross_entropy(z, y, reduction="none").double(),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        loss_threshold_scores(z, y), -F.cross_entropy(z, y, reduction="none").double(), rtol=1e-6
+    )
     ref = torch.randn(3, 4, 3, dtype=torch.float64)
     ref[0, 1] = float("nan")  # example 1 was a member of reference 0: skipped
     ref_loss = F.cross_entropy(ref.reshape(-1, 3), y.repeat(3), reduction="none").reshape(3, 4).numpy()
@@ -109,6 +111,7 @@ def test_lira_matches_hand_computed_gaussian_likelihood_ratio():
 
 
 # --- known leakage and no leakage -----------------------------------------------------------------
+
 
 def test_attacks_detect_known_leakage_and_lira_beats_loss_when_difficulty_varies():
     w = _world(shift=2.0)
@@ -140,8 +143,14 @@ def _softmax_world(shift: float, seed: int = 0, n: int = 2000, n_shadows: int = 
         return torch.from_numpy(z).softmax(-1)
 
     keep, member = rng.random((n_shadows, n)) < 0.5, rng.random(n) < 0.5
-    return {"shadow_probs": probs(keep).reshape(-1, n_classes), "shadow_labels": np.tile(labels, n_shadows),
-            "shadow_member": keep.reshape(-1), "probs": probs(member), "labels": labels, "member": member}
+    return {
+        "shadow_probs": probs(keep).reshape(-1, n_classes),
+        "shadow_labels": np.tile(labels, n_shadows),
+        "shadow_member": keep.reshape(-1),
+        "probs": probs(member),
+        "labels": labels,
+        "member": member,
+    }
 
 
 @pytest.mark.parametrize("shift", [2.0, 0.0])
@@ -163,7 +172,8 @@ def test_shadow_model_attack_falls_back_to_global_model_for_rare_classes():
     rare = w["shadow_labels"] == 4
     keep = ~rare | (np.arange(rare.size) % 50 == 0)  # class 4: a handful of shadow rows
     attack = ShadowModelAttack(min_per_class=20).fit(
-        w["shadow_probs"][torch.from_numpy(keep)], w["shadow_labels"][keep], w["shadow_member"][keep])
+        w["shadow_probs"][torch.from_numpy(keep)], w["shadow_labels"][keep], w["shadow_member"][keep]
+    )
     assert attack.per_class == [0, 1, 2, 3]
     scores = attack.scores(w["probs"], w["labels"])
     assert np.isfinite(scores).all()
@@ -173,6 +183,7 @@ def test_shadow_model_attack_falls_back_to_global_model_for_rare_classes():
 
 
 # --- membership labelling -------------------------------------------------------------------------
+
 
 def test_split_members_draws_disjoint_sets_from_one_pool():
     members, nonmembers = split_members(1000, 400, seed=0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import optimize, stats
 
-from pfpl.privacy.audit_metrics import (
+from pfpl.audit.metrics import (
     attack_accuracy,
     empirical_epsilon,
     roc_auc,
@@ -108,6 +108,7 @@ def test_random_scores_give_auc_half_and_zero_bound_over_seeds():
 def test_naive_max_over_thresholds_would_be_positive_by_chance():
     """Why empirical_epsilon splits the data: per-threshold CP limits maximised over all thresholds
     of the same data give a positive "lower bound" for some purely random seeds."""
+
     def naive(s: np.ndarray, m: np.ndarray, delta: float = 1e-5, level: float = 0.975) -> float:
         order = np.argsort(-s)
         fp, fn = np.cumsum(~m[order]), m.sum() - np.cumsum(m[order])
@@ -123,8 +124,10 @@ def test_naive_max_over_thresholds_would_be_positive_by_chance():
 
 def _gdp_epsilon(mu: float, delta: float) -> float:
     """Exact ε(δ) of N(0,1) vs N(μ,1), i.e. μ-GDP (Dong, Roth & Su 2019)."""
+
     def gap(eps: float) -> float:
         return stats.norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2) - delta
+
     return optimize.brentq(gap, 0, 50)
 
 
@@ -146,8 +149,16 @@ def test_lower_bound_below_point_estimate_and_summary():
         assert 0 <= eps["eps_lower_bound"] <= eps["eps_point_estimate"]
     s, m = _separated(300)
     out = summarize(torch.tensor(s), torch.tensor(m), delta=1e-5)
-    assert set(out) == {"auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "accuracy", "eps_lower_bound",
-                        "eps_point_estimate", "n_members", "n_nonmembers"}
+    assert set(out) == {
+        "auc",
+        "tpr_at_1pct_fpr",
+        "tpr_at_0.1pct_fpr",
+        "accuracy",
+        "eps_lower_bound",
+        "eps_point_estimate",
+        "n_members",
+        "n_nonmembers",
+    }
     assert out["auc"] == 1.0 and out["accuracy"] == 1.0 and out["n_members"] == out["n_nonmembers"] == 300
     assert out["eps_lower_bound"] == empirical_epsilon(s, m, delta=1e-5)["eps_lower_bound"] > 0
 

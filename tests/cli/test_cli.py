@@ -19,8 +19,20 @@ def test_invalid_override_is_one_line_and_exit_2(capsys):
 
 
 def test_download_tag_is_one_line_and_exit_2(capsys, no_network, tmp_path):
-    assert main(["zeroshot", "--set", "backbone.name=RN50", "--set", "backbone.pretrained=openai",
-                 "--set", f"cache_dir='{tmp_path}'"]) == 2
+    assert (
+        main(
+            [
+                "zeroshot",
+                "--set",
+                "backbone.name=RN50",
+                "--set",
+                "backbone.pretrained=openai",
+                "--set",
+                f"cache_dir='{tmp_path}'",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "local checkpoint" in err
 
@@ -36,8 +48,19 @@ def test_quality_update_manifest_rewrites_only_the_manifest(capsys, tmp_path):
         shutil.copy(assets_dir() / name, folder / name)
     weights = (folder / WEIGHTS_FILE).read_bytes()
     sizes = ["data.train_per_class_domain=1", "data.val_per_class_domain=1", "data.test_per_class_domain=1"]
-    args = ["quality", "--json", "--shots", "1", "--coop-epochs", "1", "--update-manifest",
-            "--set", f"backbone.pretrained='{folder}'", "--set", f"cache_dir='{tmp_path / 'cache'}'"]
+    args = [
+        "quality",
+        "--json",
+        "--shots",
+        "1",
+        "--coop-epochs",
+        "1",
+        "--update-manifest",
+        "--set",
+        f"backbone.pretrained='{folder}'",
+        "--set",
+        f"cache_dir='{tmp_path / 'cache'}'",
+    ]
     assert main(args + [x for s in sizes for x in ("--set", s)] + ["--set", "data.class_names=caption"]) == 0
     printed = json.loads(capsys.readouterr().out.splitlines()[0])
     manifest = load_manifest(folder)

@@ -1,0 +1,20 @@
+"""CoOp, local only: every client learns its own prompt; nothing is shared (Zhou et al., IJCV 2022)."""
+
+from __future__ import annotations
+
+from pfpl.algorithms.base import Method, Param, Scope, Views, leaf, normal
+
+
+class CoOp(Method):
+    name = "coop"
+    params = (Param("local", Scope.LOCAL, private=True),)
+
+    def init_shared(self, n_ctx, dim, gen):
+        return {}
+
+    def init_local(self, n_ctx, dim, gen):
+        return {"local": normal((n_ctx, dim), self.settings.init_std, gen)}
+
+    def views(self, params, gens):
+        local = leaf(params["local"])
+        return Views({"local": local}, local)

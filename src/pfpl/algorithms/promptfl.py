@@ -1,0 +1,21 @@
+"""PromptFL: one global prompt, FedAvg'd; no personalisation (Guo et al., TMC 2023)."""
+
+from __future__ import annotations
+
+from pfpl.algorithms.base import Method, Param, Scope, Views, leaf, normal
+
+
+class PromptFL(Method):
+    name = "promptfl"
+    # local DP noises the shared prompt itself: it is the whole released prompt
+    params = (Param("global", Scope.GROUP, private=True),)
+
+    def init_shared(self, n_ctx, dim, gen):
+        return {"global": normal((n_ctx, dim), self.settings.init_std, gen)}
+
+    def init_local(self, n_ctx, dim, gen):
+        return {}
+
+    def views(self, params, gens):
+        g = leaf(params["global"])
+        return Views({"global": g}, g)

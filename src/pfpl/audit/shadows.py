@@ -1,0 +1,124 @@
+"""Shadow training: every shadow repeats how the target client trained its part of the released
+prompt (its method, hyper-parameters and DP mechanism), with the released shared prompt fixed, by
+the run's own engine factory; all shadows of one audit are the clients of one simulator."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from pfpl.algorithms import get_method
+from pfpl.algorithms.base import Method, MethodSettings, Param, Scope
+from pfpl.config import Config
+from pfpl.data.clients import ClientData
+from pfpl.data.features import Features
+from pfpl.errors import AuditError
+from pfpl.federation.client import TrainSettings
+from pfpl.federation.simulator import Simulator
+from pfpl.privacy.plan import PrivacyPlan
+
+
+@dataclass
+class ShadowTraining:
+    """How the target client trained its part of the released prompt; shadows repeat it."""
+
+    method: str
+    engine: TrainSettings  # the target run's settings, with ``local_steps`` resolved (not 0)
+    method_settings: MethodSettings = field(default_factory=MethodSettings)
+    config: Config | None = None  # the run's config (its ``dp`` section drives the shadows' DP)
+    noise_multiplier: float | None = None  # σ the run used (feature / per-sample); None: calibrate from dp
+    released: dict[str, torch.Tensor] = field(default_factory=dict)  # the shared parameters the target received
+    global_weight: float = 1.0  # the target client's share n_i / Σn of the global aggregate
+
+
+@dataclass
+class AuditTarget:
+    """One client's released prompt and its audit records."""
+
+    client: int
+    context: torch.Tensor  # [M, D] the released context
+    members: Features
+    nonmembers: Features
+    shadow_pool: Features | None = None
+    accountant_epsilon: float = math.inf
+    dropped: int = 0
+
+
+class PersonalCopy(Method):
+    """A global-only method's parameters as per-shadow copies, initialised to the released values."""
+
+    def __init__(self, base: Method, released: dict[str, torch.Tensor]):
+        super().__init__(base.settings)
+        self.base, self.released = base, {k: released[k] for k in base.shared_params}
+        self.name = base.name
+        self.params = tuple(Param(p.name, Scope.LOCAL, p.private) for p in base.params)
+        self.leaf_params = base.leaf_params
+
+    def init_shared(self, n_ctx, dim, gen):
+        return {}
+
+    def init_local(self, n_ctx, dim, gen):
+        return {k: v.detach().clone() for k, v in self.released.items()}
+
+    def views(self, params, gens):
+        return self.base.views(params, gens)
+
+    def param_grads(self, views, leaf_grads):
+        return self.base.param_grads(views, leaf_grads)
+
+    def extra_loss(self, views, text_features, tower, reference):
+        return self.base.extra_loss(views, text_features, tower, reference)
+
+
+def _shadow_config(cfg: Config | None, sigma: float | None) -> Config:
+    """The run's config with σ fixed to what the run used (shadows replicate the mechanism, not the target ε)."""
+    cfg = cfg or Config()
+    dp = cfg.dp
+    if dp.mode in ("feature", "per-sample") and sigma is not None:
+        dp = dp.model_copy(update={"target_epsilon": None, "noise_multiplier": float(sigma)})
+    return cfg.model_copy(update={"dp": dp})
+
+
+def shadow_simulator(
+    training: ShadowTraining,
+    tower,
+    data: Features,
+    clients: list[np.ndarray],
+    scale: float,
+    reference: torch.Tensor | None,
+    seed: int,
+) -> tuple[Simulator, PrivacyPlan]:
+    """One simulator whose clients are shadows: fresh personal parts on the fixed released global;
+    returns it with its privacy plan."""
+    from pfpl.federation.runner import build_engine
+
+    base = get_method(training.method)(training.method_settings)
+    lr = training.engine.lr
+    missing = [k for k in base.shared_params if k not in training.released]
+    if missing:
+        raise AuditError(f"method {training.method!r}: the released parameters lack {missing[0]!r}")
+    if base.shared_params and not base.local_params:
+        method: Method = PersonalCopy(base, training.released)
+        lr = lr * training.global_weight
+    else:
+        method = base
+    engine = replace(training.engine, participation=1.0, lr=lr, seed=seed, train_shared=False)
+    if training.config is None or training.config.dp.mode == "off":
+        engine = replace(engine, sampling="shuffle")
+    cfg = _shadow_config(training.config, training.noise_multiplier)
+    sim, plan = build_engine(
+        cfg,
+        training.method,
+        tower,
+        ClientData(data, clients, tower.backbone.device),
+        scale,
+        reference,
+        settings=engine,
+        method=method,
+    )
+    for name in method.shared_params:
+        sim.server.shared[name] = training.released[name].detach().clone()[None].to(sim.device)
+    return sim, plan

@@ -1,0 +1,5 @@
+import sys
+
+from pfpl.cli import main
+
+sys.exit(main())

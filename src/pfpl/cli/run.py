@@ -1,0 +1,72 @@
+"""``pfpl run``: the main job — every configured method on the benchmark, a table at the end."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from pfpl.cli.common import add_config_args, interactive, progress_bar
+from pfpl.config import load_config
+from pfpl.errors import ConfigError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("run", help="the main job: every configured method on the benchmark, a table at the end")
+    add_config_args(p)
+    p.add_argument("--out", type=Path, help="run folder (default: output_dir/run-<time>)")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a killed run from its checkpoint")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=command)
+
+
+def command(args: argparse.Namespace) -> int:
+    if args.resume and (args.config or args.overrides):
+        raise ConfigError("config error: --resume continues with the run folder's own config; drop --config/--set")
+    cfg = load_config(args.config, args.overrides) if not args.resume else None
+    from pfpl.federation.runner import new_run_dir, resume, run
+
+    total = None if cfg is None else len(cfg.train.methods) * cfg.federation.rounds
+    with progress_bar(interactive(args)) as bar:
+        task = bar.add_task("training", total=total) if bar else None
+
+        def progress(method: str, done: int, rounds: int) -> None:
+            if bar:
+                bar.update(task, advance=1, description=f"{method} round {done}/{rounds}")
+
+        if args.resume:
+            summary = resume(args.resume, progress)
+        else:
+            summary = run(cfg, args.out or new_run_dir(cfg), progress=progress)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print_table(summary)
+    return 0
+
+
+def print_table(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    setup = summary["setup"]
+    table = Table(
+        title=f"{setup['backbone']} on {setup['dataset']}: {setup['n_clients']} clients, "
+        f"{setup['partition']} split, {setup['rounds']} rounds (mean ± std over clients)"
+    )
+    table.add_column("method")
+    table.add_column("local", justify="right")
+    table.add_column("neighbor", justify="right")
+    table.add_column("ε (δ)", justify="right")
+    rows = [("zero-shot", summary["zero_shot"])] + list(summary["methods"].items())
+    for name, m in rows:
+        privacy = m.get("privacy", {})
+        eps = m.get("epsilon")
+        eps_text = "—" if name == "zero-shot" else "∞" if eps is None else f"{eps:.2f} ({privacy.get('delta'):g})"
+        if privacy.get("nominal"):
+            eps_text += " nominal"
+        table.add_row(
+            name, f"{m['local']:.2%} ± {m['local_std']:.2%}", f"{m['neighbor']:.2%} ± {m['neighbor_std']:.2%}", eps_text
+        )
+    Console().print(table)
+    print(f"run folder: {summary['run_dir']}")

@@ -1,0 +1,126 @@
+"""Each client's training records and the batches it draws from them (DESIGN §4).
+
+Batch draws come from the client's own streams, so a client draws the same batches whether it
+trains alone (a Flower node, the reference compute pattern) or with every other client at once
+(the vectorized simulator, which pads the clients' batches to one width and masks the padding).
+
+Sampling modes:
+
+- ``shuffle``: every round the client walks fresh permutations of its records in batches of
+  ``min(b, n)``, starting a new permutation when one is used up;
+- ``poisson``: every step takes each record independently with probability ``min(b, n) / n``
+  (the sampling DP-SGD's amplification-by-subsampling analysis assumes).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pfpl.data.features import Features
+from pfpl.streams import Purpose, stream
+
+SAMPLING_MODES = ("shuffle", "poisson")
+
+
+@dataclass
+class Batch:
+    """One step's records for B clients: features ``[B, b, E]``, labels ``[B, b]``, mask ``[B, b]``."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    mask: torch.Tensor
+
+    def rows(self, i: int, j: int) -> Batch:
+        return Batch(self.x[i:j], self.y[i:j], self.mask[i:j])
+
+
+def expected_batch(size: int, batch_size: int) -> int:
+    """A client's expected batch size ``min(b, n)``; its Poisson rate is that over ``n``."""
+    return min(batch_size, size)
+
+
+def client_batches(
+    size: int, steps: int, batch_size: int, sampling: str, seed: int, round: int, client: int
+) -> list[torch.Tensor]:
+    """Positions (into the client's own records) of each step's batch, from the client's streams."""
+    b = expected_batch(size, batch_size)
+    if sampling == "poisson":
+        rate = b / size
+        return [
+            torch.nonzero(torch.rand(size, generator=stream(seed, Purpose.POISSON, round, s, client)) < rate).flatten()
+            for s in range(steps)
+        ]
+    if sampling != "shuffle":
+        raise ValueError(f"sampling {sampling!r}: allowed {', '.join(SAMPLING_MODES)}")
+    gen = stream(seed, Purpose.BATCH_ORDER, round, 0, client)
+    reps = math.ceil(steps * b / size)
+    order = torch.cat([torch.randperm(size, generator=gen) for _ in range(reps)])
+    return [order[s * b : (s + 1) * b] for s in range(steps)]
+
+
+class ClientData:
+    """Per-client index arrays into one table of cached image features, on the engine's device."""
+
+    def __init__(self, features: Features, clients: Sequence[np.ndarray], device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.features = features.features.to(self.device)
+        self.labels = features.labels.to(self.device)
+        self.clients = [torch.as_tensor(np.asarray(ix), dtype=torch.long) for ix in clients]
+        if any(len(ix) == 0 for ix in self.clients):
+            raise ValueError("every client needs at least one training record")
+
+    @property
+    def n_clients(self) -> int:
+        return len(self.clients)
+
+    def sizes(self) -> list[int]:
+        return [len(ix) for ix in self.clients]
+
+    def load(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features ``[n, E]`` and labels ``[n]`` of records ``index`` (rows of the table)."""
+        index = index.to(self.device)
+        return self.features[index], self.labels[index]
+
+    def batches(
+        self, clients: torch.Tensor, steps: int, batch_size: int, sampling: str, seed: int, round: int
+    ) -> list[Batch]:
+        """Every step's batch for ``clients``, padded to one width per step and masked."""
+        ids = clients.tolist()
+        positions = [client_batches(len(self.clients[c]), steps, batch_size, sampling, seed, round, c) for c in ids]
+        out = []
+        for s in range(steps):
+            takes = [self.clients[c][positions[i][s]] for i, c in enumerate(ids)]
+            width = batch_size if sampling == "shuffle" else max([1] + [len(t) for t in takes])
+            xs, ys, ms = [], [], []
+            for t in takes:
+                x, y = self.load(t)
+                pad = width - len(t)
+                xs.append(F.pad(x, (0, 0, 0, pad)))
+                ys.append(F.pad(y, (0, pad)))
+                ms.append(torch.cat([torch.ones(len(t)), torch.zeros(pad)]).to(self.device))
+            if not ids:
+                out.append(Batch(self.features[:0, None], self.labels[:0, None], torch.zeros(0, 1, device=self.device)))
+            else:
+                out.append(Batch(torch.stack(xs), torch.stack(ys), torch.stack(ms)))
+        return out
+
+
+class ImageClientData(ClientData):
+    """Raw images instead of cached features: the image tower runs on every batch (the published
+    code's compute pattern, which ``pfpl bench`` times against the engine)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, clients: Sequence[np.ndarray], encoder):
+        self.encoder = encoder
+        self.images = images
+        dummy = Features(torch.zeros(len(labels), 1), labels, torch.zeros(len(labels), dtype=torch.long))
+        super().__init__(dummy, clients, images.device)
+
+    def load(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        index = index.to(self.device)
+        return self.encoder.encode_images(self.images[index]), self.labels[index]

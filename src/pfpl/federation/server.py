@@ -1,0 +1,102 @@
+"""The server (DESIGN §4): holds the shared parameters of every group, picks each round's
+participants, broadcasts, combines the clients' uploads through its aggregator (which privacy and
+secure summation wrap) and steps the shared parameters; a server phase may run between rounds."""
+
+from __future__ import annotations
+
+import torch
+
+from pfpl.algorithms.base import Method
+from pfpl.federation.client import TrainSettings, sgd_step
+from pfpl.messages import Aggregator, Contributions, Upload, WeightedMean, group_sum
+from pfpl.streams import SERVER, Purpose, stream
+
+
+class Server:
+    def __init__(
+        self,
+        method: Method,
+        settings: TrainSettings,
+        n_clients: int,
+        shared: dict[str, torch.Tensor],
+        aggregator: Aggregator | None = None,
+        n_groups: int = 1,
+    ):
+        self.method, self.s, self.n_clients = method, settings, n_clients
+        self.aggregator = aggregator or WeightedMean()
+        self.n_groups = n_groups
+        self.shared = {n: v.expand(n_groups, *v.shape).clone() for n, v in shared.items()}  # [G, ...]
+        self.momentum: dict[str, torch.Tensor] = {}  # step sync: the server's optimizer state per group
+        device = next(iter(self.shared.values())).device if self.shared else torch.device("cpu")
+        self.groups = torch.zeros(n_clients, dtype=torch.long, device=device)  # group of every client
+        self.round = 0
+
+    # ---- one round -----------------------------------------------------------------------------
+    def participants(self, round_index: int) -> torch.Tensor:
+        """A fixed-size uniform sample of ``round(participation · N)`` clients (at least one)."""
+        k = max(1, round(self.s.participation * self.n_clients))
+        if k >= self.n_clients:
+            return torch.arange(self.n_clients)
+        gen = stream(self.s.seed, Purpose.PARTICIPANTS, round_index)
+        return torch.randperm(self.n_clients, generator=gen)[:k].sort().values
+
+    def broadcast(self, clients: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The shared parameters of each client's group, ``[B, ...]``."""
+        g = self.groups[clients.to(self.groups.device)]
+        return {n: v[g] for n, v in self.shared.items()}
+
+    @torch.no_grad()
+    def receive(self, upload: Upload, round_index: int, step: int = 0) -> None:
+        """Aggregate one exchange's uploads per group and step the shared parameters."""
+        if not self.s.train_shared or not self.shared:
+            return
+        groups = self.groups[upload.clients.to(self.groups.device)]
+        lr = self.s.lr_at(round_index)
+        for i, name in enumerate(self.method.shared_params):
+            c = Contributions(upload.values[name], upload.sizes, upload.clients, groups, self.n_groups)
+            agg = self.aggregator(c, stream(self.s.seed, Purpose.SERVER_NOISE, round_index, step, SERVER, i))
+            touched = group_sum(torch.ones(len(groups), device=groups.device), groups, self.n_groups) > 0
+            if self.s.sync == "step":
+                if name not in self.momentum:
+                    self.momentum[name] = torch.zeros_like(self.shared[name])
+                p, m = sgd_step(self.shared[name], self.momentum[name], agg, lr, self.s.momentum, self.s.weight_decay)
+                self.shared[name][touched], self.momentum[name][touched] = p[touched], m[touched]
+            else:
+                self.shared[name][touched] += agg[touched]
+
+    def end_round(self) -> None:
+        self.round += 1
+
+    @torch.no_grad()
+    def regroup(self, groups: torch.Tensor, sizes: torch.Tensor) -> None:
+        """Assign clients to new groups (a server phase, e.g. SecFPP's clustering). Each new group's
+        shared parameters start from its members' old group values, weighted by training-set size;
+        the server's optimizer state starts afresh."""
+        groups = groups.to(self.groups.device, torch.long)
+        if groups.shape != self.groups.shape or (len(groups) and int(groups.min()) < 0):
+            raise ValueError(f"a group assignment needs one non-negative group per client ({self.n_clients})")
+        n_groups = int(groups.max()) + 1 if len(groups) else 1
+        weights = sizes.to(self.groups.device, torch.float64)
+        totals = group_sum(weights, groups, n_groups).clamp(min=1e-12)
+        for name, value in self.shared.items():
+            old = value[self.groups].to(torch.float64)  # [N, ...]: each client's current group value
+            coef = (weights / totals[groups]).view(-1, *[1] * (old.dim() - 1))
+            self.shared[name] = group_sum(old * coef, groups, n_groups).to(value.dtype)
+        self.groups, self.n_groups = groups.clone(), n_groups
+        self.momentum = {}
+
+    # ---- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "round": self.round,
+            "shared": {k: v.clone() for k, v in self.shared.items()},
+            "momentum": {k: v.clone() for k, v in self.momentum.items()},
+            "groups": self.groups.clone(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.round = int(state["round"])
+        self.shared = {k: v.clone() for k, v in state["shared"].items()}
+        self.momentum = {k: v.clone() for k, v in state["momentum"].items()}
+        self.groups = state["groups"].clone()
+        self.n_groups = max(self.n_groups, int(self.groups.max()) + 1 if len(self.groups) else 1)
