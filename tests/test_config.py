@@ -11,7 +11,7 @@ def test_defaults_are_the_embedded_benchmark():
 def test_toml_file_and_overrides(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('seed = 4\n[backbone]\nname = "ViT-B-16"\n[prompt]\nn_ctx = 8\n')
-    cfg = load_config(path, ["prompt.n_ctx=4", "backbone.pretrained=/tmp/x.bin", "prompt.init_std=0.5"])
+    cfg = load_config(path, ["prompt.n_ctx=4", "train.rank=2", "backbone.pretrained=/tmp/x.bin", "prompt.init_std=0.5"])
     assert cfg.seed == 4 and cfg.backbone.name == "ViT-B-16" and cfg.prompt.n_ctx == 4
     assert cfg.backbone.pretrained == "/tmp/x.bin" and cfg.prompt.init_std == 0.5
 
@@ -51,3 +51,9 @@ def test_embedded_toml_spells_out_the_defaults():
 
     path = Path(__file__).parents[1] / "configs" / "embedded.toml"
     assert load_config(path, []).model_dump() == load_config(None, []).model_dump()
+
+
+def test_values_valid_alone_but_not_together_are_one_line():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["prompt.n_ctx=4", "train.rank=8"])
+    assert "train.rank = 8" in str(err.value) and "prompt.n_ctx = 4" in str(err.value) and "\n" not in str(err.value)

@@ -60,6 +60,11 @@ class FederationConfig(Section):
     batch_size: int = Field(32, ge=1)
     sync: Literal["step", "fedavg"] = Field("step", description="step: DP-FPL's per-step gradient averaging")
     participation: float = Field(1.0, gt=0, le=1, description="fraction of clients sampled per round")
+    client_sampling: Literal["fixed", "poisson"] = Field(
+        "fixed",
+        description="fixed: round(participation·N) clients per round; poisson: each client independently "
+        "with probability participation (what client-level DP's accountant assumes)",
+    )
 
 
 class TrainConfig(Section):
@@ -155,9 +160,20 @@ def build_config(data: dict[str, Any], overrides: list[str] | None = None, model
         key, raw = item.split("=", 1)
         _set_dotted(data, key.strip(), _parse_value(raw.strip()))
     try:
-        return model.model_validate(data)
+        cfg = model.model_validate(data)
     except ValidationError as err:
         raise _one_line(model, err) from None
+    _check_together(cfg)
+    return cfg
+
+
+def _check_together(cfg: Config) -> None:
+    """Values that are valid alone but not together."""
+    if cfg.train.rank > cfg.prompt.n_ctx:
+        raise ConfigError(
+            f"config error: train.rank = {cfg.train.rank} must be at most prompt.n_ctx = {cfg.prompt.n_ctx} "
+            "(a rank-k factor of an n_ctx × dim prompt)"
+        )
 
 
 def load_config(path: Path | str | None = None, overrides: list[str] | None = None) -> Config:

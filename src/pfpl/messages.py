@@ -50,6 +50,7 @@ class Contributions:
     clients: torch.Tensor  # [B] client ids
     groups: torch.Tensor  # [B] the group each client's value belongs to
     n_groups: int
+    expected: torch.Tensor | None = None  # [G] expected contributions per group (participation × members)
 
     def with_values(self, values: torch.Tensor) -> Contributions:
         return replace(self, values=values)
@@ -63,6 +64,11 @@ class Aggregator(Protocol):
         ...
 
     def __call__(self, c: Contributions, gen: torch.Generator) -> torch.Tensor: ...
+
+    def releases(self, c: Contributions) -> torch.Tensor:
+        """``[G]`` booleans: which groups' results the server must apply (a noisy aggregator releases
+        noise even for a group nobody contributed to)."""
+        ...
 
 
 def group_sum(values: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Tensor:
@@ -92,3 +98,12 @@ class WeightedMean:
 
     def __call__(self, c: Contributions, gen: torch.Generator) -> torch.Tensor:
         return weighted_sum(c.values, self.coefficients(c), c.groups, c.n_groups)
+
+    def releases(self, c: Contributions) -> torch.Tensor:
+        return contributed(c)
+
+
+def contributed(c: Contributions) -> torch.Tensor:
+    """``[G]``: groups with at least one contribution."""
+    ones = torch.ones(len(c.groups), device=c.values.device)
+    return group_sum(ones, c.groups.to(c.values.device), c.n_groups) > 0

@@ -22,7 +22,7 @@ from pfpl.config import Config, build_config
 from pfpl.data.clients import ClientData
 from pfpl.data.features import Features
 from pfpl.federation.client import TrainSettings
-from pfpl.federation.runner import build_engine
+from pfpl.federation.runner import build_engine, epsilons
 
 SCALE = 20.0
 SETTINGS = MethodSettings(init_std=0.3)
@@ -57,7 +57,7 @@ def _train(tower, feats: Features, cfg: Config) -> tuple[torch.Tensor, float]:
     sim, plan = build_engine(cfg, "coop", tower, ClientData(feats, [np.arange(len(feats))]), SCALE, settings=settings)
     for _ in range(ENGINE.rounds):
         sim.run_round()
-    return sim.personalized_context()[0], plan.epsilons(sim.participations)[0]
+    return sim.personalized_context()[0], epsilons(sim, plan)[0]
 
 
 def _audit(tower, records, trained_on: str, per_class: int, dp: dict | None = None, shadows: int = 8):

@@ -11,7 +11,7 @@ from pfpl.config import load_config
 from pfpl.data.clients import Batch, ClientData
 from pfpl.errors import PrivacyConfigError
 from pfpl.federation.client import TrainSettings
-from pfpl.federation.runner import build_engine
+from pfpl.federation.runner import build_engine, epsilons
 from pfpl.federation.simulator import Simulator
 from pfpl.messages import Contributions, WeightedMean
 from pfpl.privacy.aggregation import ClientLevelDP, GlobalDP
@@ -189,18 +189,21 @@ def test_calibrated_runs_meet_the_target_epsilon(world):
     settings = TrainSettings(rounds=3, local_steps=2, batch_size=8, seed=1, sampling="poisson")
 
     def engine(*overrides):
-        cfg = load_config(None, list(overrides) + ["federation.rounds=3"])
+        cfg = load_config(None, [*overrides, "federation.rounds=3", "train.rank=1", "prompt.n_ctx=2"])
         return build_engine(cfg, "dpfpl", tower, ClientData(train, clients), 20.0, settings=settings)
 
     sim, plan = engine("dp.mode=per-sample", "dp.target_epsilon=2.0")
     assert plan.has_local and plan.has_shared_global and plan.sigma > 0
-    eps = plan.epsilons(torch.tensor([3, 3]))
+    for _ in range(3):
+        sim.run_round()
+    eps = epsilons(sim, plan)
     assert max(eps) <= 2.0 + 1e-6 and max(eps) > 1.9
     assert isinstance(sim.update.mechanism, PerSampleDP) and isinstance(sim.server.aggregator, GlobalDP)
     _, feature = engine("dp.mode=feature", "dp.target_epsilon=2.0")
     assert feature.sigma < plan.sigma  # one mechanism needs less noise than two composed
-    _, off = engine("dp.mode=per-sample", "dp.target_epsilon=2.0", "dp.global_dp=false")
-    assert math.isinf(max(off.epsilons(torch.tensor([3, 3]))))
+    off_sim, off = engine("dp.mode=per-sample", "dp.target_epsilon=2.0", "dp.global_dp=false")
+    off_sim.run_round()
+    assert math.isinf(max(epsilons(off_sim, off)))
 
 
 @pytest.mark.parametrize(

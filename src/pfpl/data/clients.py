@@ -7,7 +7,9 @@ trains alone (a Flower node, the reference compute pattern) or with every other 
 Sampling modes:
 
 - ``shuffle``: every round the client walks fresh permutations of its records in batches of
-  ``min(b, n)``, starting a new permutation when one is used up;
+  ``b' = min(b, n)``; a permutation gives ``⌊n / b'⌋`` whole batches (the last ``n mod b'`` records
+  of it are left out) and the next step starts a new permutation, so no batch holds a record
+  twice and a record appears in at most :func:`appearances_per_round` batches of a round;
 - ``poisson``: every step takes each record independently with probability ``min(b, n) / n``
   (the sampling DP-SGD's amplification-by-subsampling analysis assumes).
 """
@@ -45,6 +47,13 @@ def expected_batch(size: int, batch_size: int) -> int:
     return min(batch_size, size)
 
 
+def appearances_per_round(size: int, steps: int, batch_size: int) -> int:
+    """The most batches one record can appear in during a round of ``steps`` shuffle steps: one per
+    permutation, and a permutation serves ``⌊n / b'⌋`` steps."""
+    per_permutation = size // expected_batch(size, batch_size)
+    return math.ceil(steps / per_permutation)
+
+
 def client_batches(
     size: int, steps: int, batch_size: int, sampling: str, seed: int, round: int, client: int
 ) -> list[torch.Tensor]:
@@ -59,9 +68,12 @@ def client_batches(
     if sampling != "shuffle":
         raise ValueError(f"sampling {sampling!r}: allowed {', '.join(SAMPLING_MODES)}")
     gen = stream(seed, Purpose.BATCH_ORDER, round, 0, client)
-    reps = math.ceil(steps * b / size)
-    order = torch.cat([torch.randperm(size, generator=gen) for _ in range(reps)])
-    return [order[s * b : (s + 1) * b] for s in range(steps)]
+    per_permutation = size // b
+    out: list[torch.Tensor] = []
+    while len(out) < steps:
+        order = torch.randperm(size, generator=gen)
+        out += [order[k * b : (k + 1) * b] for k in range(min(per_permutation, steps - len(out)))]
+    return out
 
 
 class ClientData:

@@ -47,6 +47,7 @@ def train_settings(cfg: Config) -> TrainSettings:
         batch_size=f.batch_size,
         sync=f.sync,
         participation=f.participation,
+        client_sampling=f.client_sampling,
         lr=t.lr,
         momentum=t.momentum,
         weight_decay=t.weight_decay,
@@ -73,6 +74,21 @@ def method_leaves(method: Method) -> MethodLeaves:
     )
 
 
+def plan_for(cfg: Config, method: Method, sizes: list[int], settings: TrainSettings) -> PrivacyPlan:
+    """The privacy plan of ``method`` on clients of ``sizes`` (refuses what cannot be accounted)."""
+    shape = TrainingShape(
+        sizes=tuple(sizes),
+        batch_size=settings.batch_size,
+        steps_per_round=steps_per_round(sizes, settings),
+        rounds=settings.rounds,
+        sync=settings.sync,
+        participation=settings.participation,
+        sampling=settings.sampling,
+        client_sampling=settings.client_sampling,
+    )
+    return plan_privacy(cfg.dp, method_leaves(method), shape)
+
+
 def build_engine(
     cfg: Config,
     method_name: str,
@@ -83,19 +99,11 @@ def build_engine(
     settings: TrainSettings | None = None,
     method: Method | None = None,
 ) -> tuple[Simulator, PrivacyPlan]:
-    """One method's simulator, with the config's sample-level mechanism and DP aggregation, and its plan."""
+    """One method's simulator, with the config's sample-level mechanism, DP aggregation and per-round
+    privacy charges, and its plan."""
     settings = settings or train_settings(cfg)
     method = method or get_method(method_name)(method_settings(cfg))
-    shape = TrainingShape(
-        sizes=tuple(data.sizes()),
-        batch_size=settings.batch_size,
-        steps_per_round=steps_per_round(data.sizes(), settings),
-        rounds=settings.rounds,
-        sync=settings.sync,
-        participation=settings.participation,
-        sampling=settings.sampling,
-    )
-    plan = plan_privacy(cfg.dp, method_leaves(method), shape)
+    plan = plan_for(cfg, method, data.sizes(), settings)
     sim = Simulator(
         method,
         tower,
@@ -105,6 +113,7 @@ def build_engine(
         reference,
         mechanism=plan.gradient_mechanism(),
         aggregator=plan.wrap_aggregator(WeightedMean()),
+        charges=plan,
     )
     return sim, plan
 
@@ -145,6 +154,10 @@ class Benchmark:
     def client_data(self) -> ClientData:
         return ClientData(self.train, self.partition.clients, self.device)
 
+    def privacy_plan(self, method_name: str) -> PrivacyPlan:
+        method = get_method(method_name)(method_settings(self.cfg))
+        return plan_for(self.cfg, method, self.partition.sizes(), train_settings(self.cfg))
+
     def engine(self, method_name: str) -> tuple[Simulator, PrivacyPlan]:
         return build_engine(
             self.cfg, method_name, self.tower, self.client_data(), self.backbone.logit_scale, self.reference
@@ -183,15 +196,42 @@ def released(sim: Simulator, clients: list) -> ReleasedPrompts:
     )
 
 
+def private(cfg: Config) -> bool:
+    """Whether any DP mechanism runs (then data-dependent diagnostics such as the loss stay unwritten)."""
+    return cfg.dp.mode != "off" or cfg.dp.client_clip > 0
+
+
+def epsilons(sim: Simulator, plan: PrivacyPlan) -> list[float]:
+    """Every client's ε(δ) for its released prompt, from its own accountant."""
+    return [plan.client_epsilon(sim.ledgers[c], int(sim.participations[c])) for c in range(sim.n_clients)]
+
+
+def privacy_record(sim: Simulator, plan: PrivacyPlan) -> dict:
+    """ε fields of a metrics row or a method's summary (``None`` stands for ∞)."""
+    eps = epsilons(sim, plan)
+    client_level = sim.client_level.epsilon(plan.delta) if plan.client_sigma > 0 else None
+    return {
+        "epsilon": _finite(max(eps)),
+        "epsilon_per_client": [_finite(e) for e in eps],
+        "epsilon_kind": plan.epsilon_kind,
+        "client_level_epsilon": client_level,
+    }
+
+
 def run(cfg: Config, run_dir: Path, state: dict | None = None, progress: Progress | None = None) -> dict:
-    """Train and evaluate every method of ``cfg`` into ``run_dir``; ``state`` resumes a checkpoint."""
-    validate_dp(cfg.dp, cfg.train.methods)
+    """Train and evaluate every method of ``cfg`` into ``run_dir``; ``state`` resumes a checkpoint.
+
+    Every input is checked (privacy combinations, backbone, dataset, partition, each method's privacy
+    plan) before the run folder is written."""
+    validate_dp(cfg.dp, cfg.train.methods, cfg.federation)
+    bench = Benchmark(cfg)
+    for name in cfg.train.methods:
+        bench.privacy_plan(name)
     folder = RunFolder(run_dir)
     config_dump = json.loads(cfg.model_dump_json())
     if state is None:
         state = {"config": config_dump, "completed": {}, "history": [], "current": None}
         folder.write_config(config_dump)
-    bench = Benchmark(cfg)
     fingerprints = {"backbone": bench.backbone.fingerprint, "dataset": bench.dataset.fingerprint}
     if state.setdefault("fingerprints", fingerprints) != fingerprints:
         raise CheckpointError(
@@ -214,16 +254,17 @@ def run(cfg: Config, run_dir: Path, state: dict | None = None, progress: Progres
         while sim.round < cfg.federation.rounds:
             t0 = time.time()
             info = sim.run_round()
+            if private(cfg) or math.isnan(info["loss"]):  # the un-noised loss is not covered by ε
+                info.pop("loss")
             result = bench.evaluate(sim.text_features())
-            eps = plan.epsilons(sim.participations)
+            record = privacy_record(sim, plan)
             history.append(
                 {
                     "method": name,
                     "round": sim.round,
                     **_headline(result),
                     **info,
-                    "epsilon": _finite(max(eps)),
-                    "epsilon_per_client": [_finite(e) for e in eps],
+                    **record,
                     "seconds": round(time.time() - t0, 3),
                 }
             )
@@ -232,10 +273,8 @@ def run(cfg: Config, run_dir: Path, state: dict | None = None, progress: Progres
                 folder.save_prompts(name, released(sim, bench.partition.clients))
                 state["completed"][name] = {
                     **_headline(result),
-                    "epsilon": _finite(max(eps)),
-                    "epsilon_per_client": [_finite(e) for e in eps],
+                    **record,
                     "privacy": plan.describe(),
-                    "client_level_epsilon": plan.client_level_epsilon(cfg.federation.rounds),
                     "per_client": result["per_client"],
                 }
                 state["current"] = None

@@ -33,12 +33,21 @@ class Server:
 
     # ---- one round -----------------------------------------------------------------------------
     def participants(self, round_index: int) -> torch.Tensor:
-        """A fixed-size uniform sample of ``round(participation · N)`` clients (at least one)."""
-        k = max(1, round(self.s.participation * self.n_clients))
-        if k >= self.n_clients:
+        """Every client (participation 1); else a uniform sample of ``round(participation · N)`` clients
+        (at least one), or with ``client_sampling = "poisson"`` each client independently with
+        probability ``participation`` (possibly none)."""
+        if self.s.participation >= 1:
             return torch.arange(self.n_clients)
         gen = stream(self.s.seed, Purpose.PARTICIPANTS, round_index)
+        if self.s.client_sampling == "poisson":
+            return torch.nonzero(torch.rand(self.n_clients, generator=gen) < self.s.participation).flatten()
+        k = max(1, round(self.s.participation * self.n_clients))
         return torch.randperm(self.n_clients, generator=gen)[:k].sort().values
+
+    def expected_contributions(self) -> torch.Tensor:
+        """``[G]``: how many clients of each group take part in a round, in expectation."""
+        members = group_sum(torch.ones(self.n_clients, device=self.groups.device), self.groups, self.n_groups)
+        return members * min(1.0, self.s.participation)
 
     def broadcast(self, clients: torch.Tensor) -> dict[str, torch.Tensor]:
         """The shared parameters of each client's group, ``[B, ...]``."""
@@ -52,10 +61,11 @@ class Server:
             return
         groups = self.groups[upload.clients.to(self.groups.device)]
         lr = self.s.lr_at(round_index)
+        expected = self.expected_contributions()
         for i, name in enumerate(self.method.shared_params):
-            c = Contributions(upload.values[name], upload.sizes, upload.clients, groups, self.n_groups)
+            c = Contributions(upload.values[name], upload.sizes, upload.clients, groups, self.n_groups, expected)
             agg = self.aggregator(c, stream(self.s.seed, Purpose.SERVER_NOISE, round_index, step, SERVER, i))
-            touched = group_sum(torch.ones(len(groups), device=groups.device), groups, self.n_groups) > 0
+            touched = self.aggregator.releases(c)
             if self.s.sync == "step":
                 if name not in self.momentum:
                     self.momentum[name] = torch.zeros_like(self.shared[name])
@@ -63,6 +73,13 @@ class Server:
                 self.shared[name][touched], self.momentum[name][touched] = p[touched], m[touched]
             else:
                 self.shared[name][touched] += agg[touched]
+
+    def empty_upload(self) -> Upload:
+        """What a round with no participants delivers: nothing, in the right shapes."""
+        device = self.groups.device
+        none = torch.zeros(0, dtype=torch.long, device=device)
+        values = {n: torch.zeros(0, *v.shape[1:], dtype=v.dtype, device=v.device) for n, v in self.shared.items()}
+        return Upload(none, values, torch.zeros(0, device=device), torch.zeros(0, device=device))
 
     def end_round(self) -> None:
         self.round += 1

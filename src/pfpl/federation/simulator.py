@@ -23,8 +23,19 @@ from pfpl.data.clients import ClientData
 from pfpl.federation.client import ClientState, ClientUpdate, TrainSettings, steps_per_round
 from pfpl.federation.server import Server
 from pfpl.messages import Aggregator, Upload
+from pfpl.privacy.accounting import Accountant
 from pfpl.privacy.mechanisms import GradientMechanism
 from pfpl.streams import Purpose, client_streams, stream
+
+
+class Charges(Protocol):
+    """What each round costs in privacy (a :class:`~pfpl.privacy.plan.PrivacyPlan`)."""
+
+    accountant: str
+
+    def round_events(self, size: int, steps: int) -> list[tuple[float, float, int]]: ...
+
+    def client_level_events(self) -> list[tuple[float, float, int]]: ...
 
 
 class ServerPhase(Protocol):
@@ -49,6 +60,7 @@ class Simulator:
         aggregator: Aggregator | None = None,
         one_client_calls: bool = False,
         phases: list[ServerPhase] | None = None,
+        charges: Charges | None = None,
     ):
         self.method, self.tower, self.data, self.s = method, tower, data, settings
         self.device = data.device
@@ -70,6 +82,11 @@ class Simulator:
         self.local = {k: torch.stack([r[k] for r in rows]).to(self.device) for k in method.local_params}
         self.momentum: dict[str, torch.Tensor] = {}
         self.participations = torch.zeros(self.n_clients, dtype=torch.long)  # rounds each client took part in
+        # each client's accountant for its own records, and the federation's client-level one
+        self.charges = charges
+        kind = charges.accountant if charges is not None else "rdp"
+        self.ledgers = [Accountant(kind) for _ in range(self.n_clients)]
+        self.client_level = Accountant(kind)
 
     @property
     def round(self) -> int:
@@ -87,6 +104,8 @@ class Simulator:
             "local": {k: v.clone() for k, v in self.local.items()},
             "momentum": {k: v.clone() for k, v in self.momentum.items()},
             "participations": self.participations.clone(),
+            "ledgers": [x.state_dict() for x in self.ledgers],
+            "client_level": self.client_level.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -94,6 +113,8 @@ class Simulator:
         self.local = {k: v.clone().to(self.device) for k, v in state["local"].items()}
         self.momentum = {k: v.clone().to(self.device) for k, v in state["momentum"].items()}
         self.participations = state["participations"].clone()
+        self.ledgers = [Accountant.from_state(x) for x in state["ledgers"]]
+        self.client_level = Accountant.from_state(state["client_level"])
 
     # ---- one round ---------------------------------------------------------------------------
     def _gather(self, active: torch.Tensor) -> ClientState:
@@ -115,6 +136,8 @@ class Simulator:
 
     def _batches(self, active: torch.Tensor, r: int):
         s = self.s
+        if len(active) == 0:
+            return []
         if not self.one_client_calls:
             return self.data.batches(active, self.local_steps, s.batch_size, s.sampling, s.seed, r)
         return [
@@ -124,7 +147,9 @@ class Simulator:
 
     def _exchange(self, state: ClientState, batches, sizes: torch.Tensor, r: int, step: int, steps: slice) -> Upload:
         """One client-update call for every participant (or one per participant), then the server."""
-        if not self.one_client_calls:
+        if len(state.clients) == 0:
+            upload = self.server.empty_upload()
+        elif not self.one_client_calls:
             upload = self.update(self.server.broadcast(state.clients), state, batches[steps], sizes, r, step)
         else:
             parts = []
@@ -154,10 +179,21 @@ class Simulator:
             loss = self._exchange(state, batches, sizes, r, 0, slice(None)).loss.mean()
         self._scatter(state)
         self.participations[active] += 1
+        self._charge(active)
         for phase in self.phases:
             phase(self, r)
         self.server.end_round()
         return {"loss": float(loss), "lr": self.s.lr_at(r), "participants": len(active)}
+
+    def _charge(self, active: torch.Tensor) -> None:
+        """Record what this round cost: each participant's records, and the federation's clients."""
+        if self.charges is None:
+            return
+        for c in active.tolist():
+            for sigma, q, n in self.charges.round_events(len(self.data.clients[c]), self.local_steps):
+                self.ledgers[c].step(sigma, q, n)
+        for sigma, q, n in self.charges.client_level_events():
+            self.client_level.step(sigma, q, n)
 
     # ---- released prompts --------------------------------------------------------------------
     @torch.no_grad()

@@ -32,7 +32,7 @@ def sweep_configs(cfg: Config, epsilons: list[float]) -> dict[str, Config]:
         else:
             data["dp"].update(mode=mode, target_epsilon=eps, noise_multiplier=0.0)
         sub = build_config(data)
-        validate_dp(sub.dp, sub.train.methods)
+        validate_dp(sub.dp, sub.train.methods, sub.federation)
         out[_label(eps)] = sub
     return out
 
@@ -56,10 +56,13 @@ def run_sweep(
     table = {
         "epsilons": list(configs),
         "mode": cfg.dp.mode if cfg.dp.mode != "off" else "feature",
+        "nominal": cfg.dp.mode == "reference",
         "delta": cfg.dp.delta,
         "methods": {
             m: {
-                label: {k: results[label]["methods"][m][k] for k in ("local", "neighbor", "epsilon")}
+                label: {
+                    k: results[label]["methods"][m].get(k) for k in ("local", "neighbor", "epsilon", "epsilon_kind")
+                }
                 for label in configs
             }
             for m in cfg.train.methods
@@ -73,11 +76,12 @@ def run_sweep(
 
 
 def _write_csv(path: Path, table: dict) -> None:
-    lines = ["method,target_epsilon,achieved_epsilon,local,neighbor"]
+    lines = ["method,target_epsilon,achieved_epsilon,epsilon_kind,local,neighbor"]
     for m, by_eps in table["methods"].items():
         for label, r in by_eps.items():
             achieved = "inf" if r["epsilon"] is None else f"{r['epsilon']:.4f}"
-            lines.append(f"{m},{label},{achieved},{r['local']:.4f},{r['neighbor']:.4f}")
+            kind = r.get("epsilon_kind") or "none"
+            lines.append(f"{m},{label},{achieved},{kind},{r['local']:.4f},{r['neighbor']:.4f}")
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
@@ -100,7 +104,8 @@ def plot_sweep(path: Path, table: dict) -> None:
             ax.axhline(table["zero_shot"][key], ls="--", color="gray", label="zero-shot")
         ax.set_xscale("log")
         ax.set_xticks(xs, [("∞" if x == "inf" else x) for x in labels])
-        ax.set_xlabel(f"target ε (δ = {table['delta']:g}, {table['mode']} mode)")
+        nominal = " — NOMINAL ε, no formal guarantee" if table.get("nominal") else ""
+        ax.set_xlabel(f"target ε (δ = {table['delta']:g}, {table['mode']} mode){nominal}")
         ax.set_title(f"{key} accuracy")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (mean over clients)")

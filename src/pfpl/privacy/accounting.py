@@ -44,6 +44,7 @@ from pfpl.errors import PrivacyConfigError
 
 __all__ = [
     "ACCOUNTANTS",
+    "Accountant",
     "PRV_EPS_ERROR",
     "RDP_ORDERS",
     "Mechanism",
@@ -302,3 +303,41 @@ def epsilon_curve(
         so_far.extend(round_mechanisms)
         curve.append(_eps_history(_history(so_far), delta, accountant))
     return curve
+
+
+@functools.lru_cache(maxsize=65536)
+def _cached_epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+    return _eps_history(list(history), delta, accountant)
+
+
+class Accountant:
+    """A stateful accountant, as Opacus's: ``step(noise_multiplier, sample_rate, steps)`` records what
+    ran on one party's records, ``epsilon(delta)`` composes it (add/remove-one, sample-level, Poisson
+    subsampling if q < 1). Each client holds one for its own records; equal histories share one
+    cached ε, so thousands of clients cost a handful of computations."""
+
+    def __init__(self, accountant: str = "rdp"):
+        _check_accountant(accountant)
+        self.accountant = accountant
+        self.history: dict[tuple[float, float], int] = {}
+
+    def step(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
+        validate(sample_rate=sample_rate, noise_multiplier=noise_multiplier, steps=steps)
+        if steps:
+            key = (float(noise_multiplier), float(sample_rate))
+            self.history[key] = self.history.get(key, 0) + int(steps)
+
+    def epsilon(self, delta: float) -> float:
+        validate(delta=delta)
+        items = tuple(sorted((sigma, q, n) for (sigma, q), n in self.history.items()))
+        return _cached_epsilon(items, float(delta), self.accountant)
+
+    def state_dict(self) -> dict:
+        return {"accountant": self.accountant, "history": [[s, q, n] for (s, q), n in self.history.items()]}
+
+    @classmethod
+    def from_state(cls, state: dict) -> Accountant:
+        acc = cls(state["accountant"])
+        for sigma, q, n in state["history"]:
+            acc.step(sigma, q, int(n))
+        return acc

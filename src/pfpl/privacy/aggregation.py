@@ -4,8 +4,11 @@ strategy) and add Gaussian noise calibrated to the sensitivity of what they comb
 - :class:`GlobalDP` — sample-level DP of the shared gradient (DP-FPL's "GDP"): one record moves its
   client's clipped gradient sum by at most C, so the group's aggregate by at most
   C·a_i / B_i (a_i the client's coefficient, B_i its expected batch); noise std σ_G·C·max_i a_i/B_i.
-- :class:`ClientLevelDP` — client-level DP: each client's contribution is clipped to S, the group's
-  clients count equally, noise std σ_c·S / (clients in the group).
+- :class:`ClientLevelDP` — client-level DP (DP-FedAvg's fixed denominator): each client's
+  contribution is clipped to S, the clipped values are summed and divided by the *expected* number
+  of contributions D (participation × the group's clients, a public constant), and N(0, σ_c²S²/D²)
+  is added; one client (added or removed, with all its data) moves the result by at most S/D. A
+  noisy result is released even for a group nobody contributed to.
 - :class:`ReferenceServerNoise` — the published DP-FPL code's server noise (nominal ε only).
 """
 
@@ -41,12 +44,14 @@ class GlobalDP:
     def coefficients(self, c: Contributions) -> torch.Tensor:
         return self.inner.coefficients(c)
 
+    def releases(self, c: Contributions) -> torch.Tensor:
+        return self.inner.releases(c)
+
     def sensitivity(self, c: Contributions) -> torch.Tensor:
         """``[G]``: how far one record of any contributing client can move each group's result."""
-        per_record = self.coefficients(c).to(torch.float64) / expected_batch(c.sizes, self.batch_size).to(
-            self.coefficients(c).device
-        )
-        return self.clip * group_max(per_record, c.groups.to(per_record.device), c.n_groups)
+        coef = self.coefficients(c).to(torch.float64)
+        per_record = coef / expected_batch(c.sizes, self.batch_size).to(coef.device)
+        return self.clip * group_max(per_record, c.groups.to(coef.device), c.n_groups)
 
     def __call__(self, c: Contributions, gen: torch.Generator) -> torch.Tensor:
         out = self.inner(c, gen)
@@ -65,17 +70,34 @@ class ClientLevelDP:
     def _equal(self, c: Contributions) -> Contributions:
         return replace(c, sizes=torch.ones_like(c.sizes))
 
+    def _denominator(self, c: Contributions) -> torch.Tensor:
+        """``[G]``: the expected number of contributions per group (the realised count without one)."""
+        if c.expected is not None:
+            return c.expected.to(c.values.device, torch.float64).clamp(min=1e-12)
+        ones = torch.ones(len(c.groups), device=c.values.device, dtype=torch.float64)
+        return group_sum(ones, c.groups.to(c.values.device), c.n_groups).clamp(min=1)
+
+    def _rescale(self, c: Contributions) -> torch.Tensor:
+        """``[G]``: realised / expected contributions, turning the inner mean into sum / D."""
+        ones = torch.ones(len(c.groups), device=c.values.device, dtype=torch.float64)
+        return group_sum(ones, c.groups.to(c.values.device), c.n_groups) / self._denominator(c)
+
     def coefficients(self, c: Contributions) -> torch.Tensor:
-        return self.inner.coefficients(self._equal(c))
+        scale = self._rescale(c)[c.groups.to(c.values.device)]
+        return (self.inner.coefficients(self._equal(c)).to(torch.float64) * scale).to(c.values.dtype)
+
+    def releases(self, c: Contributions) -> torch.Tensor:
+        if self.noise_multiplier > 0:
+            return torch.ones(c.n_groups, dtype=torch.bool, device=c.values.device)
+        return self.inner.releases(c)
 
     def __call__(self, c: Contributions, gen: torch.Generator) -> torch.Tensor:
         norms = c.values.flatten(1).norm(dim=-1)
         clipped = c.values * _rows((self.clip / norms.clamp(min=1e-12)).clamp(max=1.0), c.values)
-        out = self.inner(self._equal(c.with_values(clipped)), gen)
+        out = self.inner(self._equal(c.with_values(clipped)), gen) * _rows(self._rescale(c), c.values)
         if self.noise_multiplier == 0:
             return out
-        counts = group_sum(torch.ones(len(c.groups), device=out.device), c.groups.to(out.device), c.n_groups)
-        std = self.noise_multiplier * self.clip / counts.clamp(min=1)
+        std = self.noise_multiplier * self.clip / self._denominator(c)
         return out + _noise(out.shape, gen, out.device) * _rows(std, out)
 
 
@@ -90,6 +112,9 @@ class ReferenceServerNoise:
 
     def coefficients(self, c: Contributions) -> torch.Tensor:
         return self.inner.coefficients(c)
+
+    def releases(self, c: Contributions) -> torch.Tensor:
+        return self.inner.releases(c)
 
     def __call__(self, c: Contributions, gen: torch.Generator) -> torch.Tensor:
         out = self.inner(c, gen)

@@ -1,25 +1,48 @@
 """A run's privacy plan: from the ``dp`` config, the method's declarations and the shape of the
 training, the client-side gradient mechanism, the server-side aggregator wrappers, the calibrated
-σ, and each client's ε(δ) for its released prompt."""
+σ, and the events each round charges to each client's accountant — every ε pfpl prints comes from
+those events (docs/privacy.md has the table of accepted combinations).
+
+Sample-level events, per client and round (one record's view):
+
+- ``poisson`` sampling: every step is one Poisson-subsampled Gaussian at rate q = b'/n with
+  σ_eff, where σ_eff = σ for one mechanism and (σ⁻² + σ_G⁻²)^(−1/2) when local DP on the private
+  leaves and global DP on the shared gradient act on the *same* batch (per-sample mode): the
+  record's clipped contributions to both, measured in units of their noise, form one Gaussian
+  mechanism. Adjacency: add/remove one record.
+- ``shuffle`` sampling (fixed-size batches, no amplification claimed): adjacency is replace-one
+  record — the replaced record moves a batch's clipped sum by up to 2C — so each batch the record
+  can appear in is a Gaussian at σ_eff / 2, and a record appears in at most
+  :func:`~pfpl.data.clients.appearances_per_round` batches of a round.
+
+Client-level events (``dp.client_clip`` > 0), once per round for the whole federation: clients
+take part independently with probability p (``federation.client_sampling = "poisson"``, or p = 1),
+each aggregation divides the clipped sum by the expected number of participants and adds
+N(0, σ_c²S²/D²), and the A aggregations of a round (A = local steps in ``step`` sync, 1 in
+``fedavg``) compose to one Gaussian at σ_c/√A: PoissonSampled(p, Gaussian(σ_c/√A)). Adjacency:
+add/remove one client with all its data.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-import torch
-
 from pfpl.algorithms import METHOD_NAMES
-from pfpl.config import DPConfig
+from pfpl.config import DPConfig, FederationConfig
+from pfpl.data.clients import appearances_per_round, expected_batch
 from pfpl.errors import PrivacyConfigError
 from pfpl.messages import Aggregator
-from pfpl.privacy.accounting import Mechanism, calibrate_noise, epsilon
+from pfpl.privacy.accounting import Accountant, calibrate_noise
 from pfpl.privacy.aggregation import ClientLevelDP, GlobalDP, ReferenceServerNoise
 from pfpl.privacy.mechanisms import BatchClipReference, BatchMean, FeatureDP, GradientMechanism, PerSampleDP
 
 DP_MODES = ("off", "feature", "per-sample", "reference")
 # the published code has no DP CoOp baseline, so ``reference`` has no counterpart to reproduce for it
 REFERENCE_METHODS = tuple(m for m in METHOD_NAMES if m != "coop")
+
+#: one accountant event: (noise multiplier, sample rate, count)
+Event = tuple[float, float, int]
 
 
 @dataclass(frozen=True)
@@ -29,6 +52,11 @@ class MethodLeaves:
     name: str
     private_leaves: tuple[str, ...]  # leaves local DP noises on the client
     shared_leaves: tuple[str, ...]  # leaves of shared parameters
+
+    @property
+    def clipped_only(self) -> tuple[str, ...]:
+        """Shared leaves the client clips but does not noise: global DP must protect them."""
+        return tuple(x for x in self.shared_leaves if x not in self.private_leaves)
 
 
 @dataclass(frozen=True)
@@ -42,9 +70,7 @@ class TrainingShape:
     sync: str
     participation: float
     sampling: str
-
-    def expected_batch(self) -> list[int]:
-        return [min(self.batch_size, n) for n in self.sizes]
+    client_sampling: str = "fixed"
 
 
 def reference_sigma(nominal_epsilon: float, delta: float, rounds: int) -> float:
@@ -54,35 +80,8 @@ def reference_sigma(nominal_epsilon: float, delta: float, rounds: int) -> float:
     return math.sqrt(rounds * math.log(1 / delta)) / nominal_epsilon
 
 
-def sample_mechanisms(
-    mode: str, sigma: float, sigma_global: float, q: float, steps: int, has_local: bool, has_shared_global: bool
-) -> list[Mechanism]:
-    """The Gaussian mechanisms that touch one client's records, as the released prompt composes them."""
-    if mode == "feature":
-        return [Mechanism(sigma, q, steps, "feature")]
-    mechs = []
-    if has_local:
-        mechs.append(Mechanism(sigma, q, steps, "local"))
-    if has_shared_global:
-        mechs.append(Mechanism(sigma_global, q, steps, "global"))
-    return mechs
-
-
-def released_epsilon(mechs: list[Mechanism], delta: float, accountant: str) -> float:
-    if not mechs or any(m.noise_multiplier == 0 for m in mechs):
-        return math.inf
-    return epsilon(mechs, delta, accountant)
-
-
-def calibrate(target_epsilon: float, delta: float, q: float, steps: int, n_mechanisms: int, accountant: str) -> float:
-    """σ (shared by the ``n_mechanisms`` composed mechanisms) so the released prompt meets the target."""
-    if math.isinf(target_epsilon):
-        return 0.0
-    return calibrate_noise(target_epsilon, delta, q, steps, accountant=accountant, n_mechanisms=n_mechanisms)
-
-
-def validate_dp(dp: DPConfig, methods: list[str]) -> None:
-    """One clear error for every bad combination, before any training starts."""
+def validate_dp(dp: DPConfig, methods: list[str], federation: FederationConfig | None = None) -> None:
+    """One clear error for every combination pfpl cannot run or cannot account for, before any training."""
     if dp.mode == "off" and (dp.target_epsilon is not None or dp.noise_multiplier > 0):
         raise PrivacyConfigError(
             "dp.target_epsilon / dp.noise_multiplier are set but dp.mode='off'; "
@@ -104,11 +103,26 @@ def validate_dp(dp: DPConfig, methods: list[str]) -> None:
         )
     if dp.client_noise_multiplier > 0 and dp.client_clip == 0:
         raise PrivacyConfigError("dp.client_noise_multiplier > 0 needs dp.client_clip > 0")
+    if federation is None:
+        return
+    if dp.client_noise_multiplier > 0 and federation.participation < 1 and federation.client_sampling != "poisson":
+        raise PrivacyConfigError(
+            f"client-level DP with federation.participation={federation.participation} needs "
+            "federation.client_sampling='poisson': its accountant amplifies by Poisson sampling of clients, "
+            "which a fixed-size sample of clients is not"
+        )
+    if dp.mode == "per-sample" and dp.global_dp and federation.sync == "fedavg":
+        raise PrivacyConfigError(
+            "dp.mode='per-sample' with dp.global_dp and federation.sync='fedavg' cannot be accounted: the "
+            "server's noise would cover a multi-step local update whose sensitivity to one record grows with "
+            "the learning rate, momentum and steps; use federation.sync='step', or dp.mode='feature' "
+            "(every step noised on the client)"
+        )
 
 
 @dataclass
 class PrivacyPlan:
-    """How a method's released prompts are protected, and their ε(δ) per client."""
+    """How a method's released prompts are protected, and what each round charges."""
 
     mode: str
     delta: float
@@ -116,19 +130,17 @@ class PrivacyPlan:
     sampling: str
     clip: float
     batch_size: int
-    sigma: float
-    sigma_global: float
-    has_local: bool
-    has_shared_global: bool
+    sigma: float  # the client's noise multiplier (feature mode, or local DP on the private leaves)
+    sigma_global: float  # the server's noise multiplier on the clipped shared gradient (per-sample mode)
     private_leaves: tuple[str, ...]
-    rates: list[float]  # per client: Poisson rate, or 1.0 (shuffle: no amplification claimed)
-    steps_per_round: list[int]  # per client: steps (Poisson) or participations of a record (shuffle)
+    has_local: bool  # per-sample mode: the client noises private leaves
+    has_shared_global: bool  # per-sample mode: the server's global DP protects shared leaves
+    unprotected: bool = False  # a shared leaf is released with no noise (per-sample, global_dp off)
     nominal_epsilon: float | None = None
     client_clip: float = 0.0
     client_sigma: float = 0.0
     participation: float = 1.0
-    unprotected_global: bool = False  # a shared leaf is released without any noise
-    client_steps_per_round: int = 1  # client-level mechanism applications per round (every step in step sync)
+    aggregations_per_round: int = 1  # client-level mechanism applications per round
 
     # ---- the mechanisms ------------------------------------------------------------------------
     def gradient_mechanism(self) -> GradientMechanism:
@@ -142,7 +154,7 @@ class PrivacyPlan:
         return BatchMean()
 
     def wrap_aggregator(self, inner: Aggregator) -> Aggregator:
-        """The server's aggregator with client-level DP and global DP around it."""
+        """The server's aggregator with client-level DP and global DP around it (both, when both are on)."""
         if self.client_clip > 0:
             inner = ClientLevelDP(inner, self.client_clip, self.client_sigma)
         if self.has_shared_global and self.sigma_global > 0:
@@ -152,107 +164,144 @@ class PrivacyPlan:
         return inner
 
     # ---- accounting ----------------------------------------------------------------------------
-    def client_mechanisms(self, client: int, rounds: int) -> list[Mechanism]:
-        steps = self.steps_per_round[client] * rounds
-        return sample_mechanisms(
-            self.mode,
-            self.sigma,
-            self.sigma_global,
-            self.rates[client],
-            max(steps, 1),
-            self.has_local,
-            self.has_shared_global,
-        )
+    @property
+    def sample_level(self) -> bool:
+        """Whether sample-level ε is accounted (a real guarantee, not nominal, not unprotected)."""
+        return self.mode in ("feature", "per-sample") and not self.unprotected
 
-    def epsilons(self, participations: torch.Tensor) -> list[float]:
-        """Each client's ε(δ) for its released prompt after the rounds it took part in."""
+    @property
+    def effective_sigma(self) -> float:
+        """σ_eff of one step for one record (0 = no privacy)."""
+        if self.mode == "feature" or (self.has_local and not self.has_shared_global):
+            return self.sigma
+        if self.has_shared_global and not self.has_local:
+            return self.sigma_global
+        if self.sigma == 0 or self.sigma_global == 0:
+            return 0.0
+        return (self.sigma**-2 + self.sigma_global**-2) ** -0.5
+
+    def round_events(self, size: int, steps: int) -> list[Event]:
+        """What one round of ``steps`` local steps charges a client with ``size`` records."""
+        if not self.sample_level or steps == 0:
+            return []
+        if self.sampling == "poisson":
+            return [(self.effective_sigma, expected_batch(size, self.batch_size) / size, steps)]
+        return [(self.effective_sigma / 2, 1.0, appearances_per_round(size, steps, self.batch_size))]
+
+    def client_epsilon(self, ledger: Accountant, rounds_taken: int) -> float:
+        """A client's ε(δ) for its released prompt (nominal ε in reference mode; ∞ when unprotected)."""
         if self.mode == "reference":
-            return [float(self.nominal_epsilon)] * len(self.rates)
-        if self.unprotected_global or self.mode == "off":
-            return [math.inf] * len(self.rates)
-        out = []
-        for c, rounds in enumerate(participations.tolist()):
-            out.append(
-                0.0 if rounds == 0 else released_epsilon(self.client_mechanisms(c, rounds), self.delta, self.accountant)
-            )
-        return out
+            return float(self.nominal_epsilon)
+        if not self.sample_level:
+            return math.inf
+        return 0.0 if rounds_taken == 0 else ledger.epsilon(self.delta)
 
-    def client_level_epsilon(self, rounds: int) -> float | None:
+    def client_level_events(self) -> list[Event]:
+        """What one round charges the federation's client-level accountant."""
         if self.client_sigma == 0:
-            return None
-        steps = rounds * self.client_steps_per_round
-        return epsilon(Mechanism(self.client_sigma, self.participation, steps, "client"), self.delta, self.accountant)
+            return []
+        return [(self.client_sigma / math.sqrt(self.aggregations_per_round), self.participation, 1)]
+
+    @property
+    def epsilon_kind(self) -> str:
+        """How to read the ε this plan reports: 'accounted', 'nominal' or 'none'."""
+        if self.mode == "reference":
+            return "nominal"
+        return "accounted" if self.sample_level and self.effective_sigma > 0 else "none"
 
     def describe(self) -> dict:
         if self.mode == "reference":
             guarantee = "nominal only: the published code's batch clipping; no formal guarantee"
-        elif self.unprotected_global or self.mode == "off":
-            guarantee = "none: a shared part of the released prompt carries no noise"
+        elif self.mode == "off":
+            guarantee = "none (no sample-level DP)"
+        elif self.unprotected:
+            guarantee = "none: a shared part of the released prompt carries no noise (dp.global_dp is off)"
         elif self.mode == "feature":
             guarantee = (
                 "sample-level DP of the whole released prompt (post-processing of the noisy text-feature gradients)"
             )
         else:
             parts = (["local DP on the private leaves"] if self.has_local else []) + (
-                ["global DP on the aggregated global gradient"] if self.has_shared_global else []
+                ["global DP on the aggregated shared gradient (same batch: one mechanism)"]
+                if self.has_shared_global
+                else []
             )
-            guarantee = "sample-level DP, composition of " + " and ".join(parts)
+            guarantee = "sample-level DP, " + " and ".join(parts)
+        adjacency = "replace one record" if self.sampling == "shuffle" else "add/remove one record"
         return {
             "mode": self.mode,
             "delta": self.delta,
             "accountant": self.accountant,
             "sampling": self.sampling,
-            "adjacency": "add/remove one record of the client's training data",
+            "adjacency": f"{adjacency} of the client's training data",
+            "unit": "one training record",
+            "clip": self.clip,
             "noise_multiplier": self.sigma,
             "global_noise_multiplier": self.sigma_global,
-            "client_noise_multiplier": self.client_sigma,
+            "effective_noise_multiplier": self.effective_sigma,
             "guarantee": guarantee,
             "nominal": self.mode == "reference",
+            "epsilon_kind": self.epsilon_kind,
+            "client_level": None
+            if self.client_clip == 0
+            else {
+                "clip": self.client_clip,
+                "noise_multiplier": self.client_sigma,
+                "participation": self.participation,
+                "aggregations_per_round": self.aggregations_per_round,
+                "adjacency": "add/remove one client (all of its data)",
+                "event_per_round": "PoissonSampled(p, Gaussian(σ_c/√A))"
+                if self.participation < 1
+                else "Gaussian(σ_c/√A)",
+            },
         }
 
 
 def plan_privacy(dp: DPConfig, method: MethodLeaves, shape: TrainingShape) -> PrivacyPlan:
     """Calibrate σ for the worst-off client and return the plan (mode 'off' plans no noise)."""
-    expected = shape.expected_batch()
-    n = len(shape.sizes)
-    if dp.sampling == "poisson":
-        rates = [e / s for e, s in zip(expected, shape.sizes)]
-        steps = [shape.steps_per_round] * n
-    else:
-        rates = [1.0] * n
-        steps = [math.ceil(shape.steps_per_round * e / s) for e, s in zip(expected, shape.sizes)]
-    has_local = bool(method.private_leaves)
-    shared = tuple(x for x in method.shared_leaves if x not in method.private_leaves)
-    has_shared_global = bool(shared) and dp.global_dp and dp.mode == "per-sample"
-    n_mech = 1 if dp.mode == "feature" else int(has_local) + int(has_shared_global)
-    sigma = dp.noise_multiplier
-    nominal = None
-    if dp.mode == "reference":
-        nominal = dp.target_epsilon
-        sigma = reference_sigma(dp.target_epsilon, dp.delta, shape.rounds)
-    elif dp.mode != "off" and dp.target_epsilon is not None:
-        worst = max(range(n), key=lambda c: (rates[c], steps[c]))
-        sigma = calibrate(
-            dp.target_epsilon, dp.delta, rates[worst], steps[worst] * shape.rounds, max(n_mech, 1), dp.accountant
-        )
-    return PrivacyPlan(
+    has_local = dp.mode == "per-sample" and bool(method.private_leaves)
+    has_shared_global = dp.mode == "per-sample" and bool(method.clipped_only) and dp.global_dp
+    unprotected = dp.mode == "per-sample" and bool(method.clipped_only) and not dp.global_dp
+    plan = PrivacyPlan(
         mode=dp.mode,
         delta=dp.delta,
         accountant=dp.accountant,
-        sampling=dp.sampling,
+        sampling=shape.sampling,
         clip=dp.clip,
         batch_size=shape.batch_size,
-        sigma=sigma,
-        sigma_global=sigma if has_shared_global else 0.0,
-        has_local=has_local and dp.mode != "feature",
-        has_shared_global=has_shared_global,
+        sigma=dp.noise_multiplier,
+        sigma_global=0.0,
         private_leaves=method.private_leaves,
-        rates=rates,
-        steps_per_round=steps,
-        nominal_epsilon=nominal,
+        has_local=has_local,
+        has_shared_global=has_shared_global,
+        unprotected=unprotected,
         client_clip=dp.client_clip,
         client_sigma=dp.client_noise_multiplier,
         participation=shape.participation,
-        unprotected_global=dp.mode == "per-sample" and bool(shared) and not dp.global_dp,
-        client_steps_per_round=shape.steps_per_round if shape.sync == "step" else 1,
+        aggregations_per_round=shape.steps_per_round if shape.sync == "step" else 1,
     )
+    if dp.mode == "reference":
+        plan.nominal_epsilon = dp.target_epsilon
+        plan.sigma = reference_sigma(dp.target_epsilon, dp.delta, shape.rounds)
+        return plan
+    if dp.mode == "off":
+        return plan
+    if dp.target_epsilon is not None and plan.sample_level:
+        sigma_eff = _calibrate(dp, shape)
+        plan.sigma = sigma_eff * math.sqrt(2) if has_local and has_shared_global else sigma_eff
+    if has_shared_global:
+        plan.sigma_global = plan.sigma
+    return plan
+
+
+def _calibrate(dp: DPConfig, shape: TrainingShape) -> float:
+    """σ_eff so that every client that takes part in every round meets the target. The smallest client
+    is the worst off: its Poisson rate b'/n is the highest, and so is its count of shuffle appearances."""
+    if math.isinf(dp.target_epsilon):
+        return 0.0
+    size = min(shape.sizes)
+    if shape.sampling == "poisson":
+        q, steps, factor = expected_batch(size, shape.batch_size) / size, shape.steps_per_round, 1.0
+    else:
+        q, steps, factor = 1.0, appearances_per_round(size, shape.steps_per_round, shape.batch_size), 2.0
+    return factor * calibrate_noise(dp.target_epsilon, dp.delta, q, steps * shape.rounds, dp.accountant)
