@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pfpl.errors import CheckpointError
 
 
@@ -39,7 +37,32 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def check_run_folder(path: Path | str, overwrite: bool = False) -> None:
+    """Refuse to write a new run into a folder that already holds something (a finished or killed run
+    would be mixed with the new one); ``overwrite`` allows it (the folder is cleared before writing)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"--out {path} is a file, not a run folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        hint = (
+            f"continue it with pfpl run --resume {path}"
+            if (path / "checkpoint.pt").is_file()
+            else "choose another --out"
+        )
+        raise CheckpointError(f"run folder {path} is not empty; {hint}, or pass --overwrite to replace it")
+
+
+def clear_folder(path: Path) -> None:
+    """Remove everything in ``path`` (a run folder about to be rewritten)."""
+    import shutil
+
+    if path.is_dir():
+        shutil.rmtree(path)
+
+
 def save_torch(path: Path, obj: Any) -> None:
+    import torch
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -52,16 +75,16 @@ def figure_bytes(fig) -> bytes:
 
 
 @dataclass
-class ReleasedPrompts:
+class ReleasedPrompts:  # tensors: torch is imported by whoever builds one
     """Every client's released prompt of one method, and the parameters it was made from."""
 
-    context: torch.Tensor  # [N, M, D] (or [N, C, M, D]): what each client releases
-    shared: dict[str, torch.Tensor]  # [G, ...]: the server's shared parameters per group
-    groups: torch.Tensor  # [N]: each client's group
-    local: dict[str, torch.Tensor]  # [N, ...]
-    clients: list[torch.Tensor]  # each client's training-record indices
+    context: Any  # torch.Tensor [N, M, D] (or [N, C, M, D]): what each client releases
+    shared: dict[str, Any]  # torch.Tensor [G, ...]: the server's shared parameters per group
+    groups: Any  # torch.Tensor [N]: each client's group
+    local: dict[str, Any]  # torch.Tensor [N, ...]
+    clients: list[Any]  # torch.Tensor: each client's training-record indices
 
-    def shared_of(self, client: int) -> dict[str, torch.Tensor]:
+    def shared_of(self, client: int) -> dict[str, Any]:
         """The shared parameters client ``client`` received last."""
         return {k: v[int(self.groups[client])] for k, v in self.shared.items()}
 
@@ -121,6 +144,8 @@ class RunFolder:
         return self.file("checkpoint.pt").is_file()
 
     def load_checkpoint(self) -> dict:
+        import torch
+
         path = self.file("checkpoint.pt")
         if not path.is_file():
             raise CheckpointError(f"no checkpoint at {path}; is this a pfpl run folder?")
@@ -150,6 +175,8 @@ class RunFolder:
         )
 
     def load_prompts(self, method: str) -> ReleasedPrompts:
+        import torch
+
         path = self.prompts_file(method)
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
@@ -168,24 +195,53 @@ class RunFolder:
         write_json(self.file("audit.json"), report)
 
 
-def plot_accuracy(history: list[dict], zero_shot: dict):
-    """Local and neighbor accuracy per round, one line per method; zero-shot dashed."""
+def legend_below(fig, axes, ncol: int | None = None) -> None:
+    """One legend for the figure, under the axes, so it never covers a data point."""
+    handles, labels = {}, {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    labels = list(handles)
+    fig.legend(
+        [handles[x] for x in labels],
+        labels,
+        loc="lower center",
+        ncol=ncol or min(len(labels), 7),
+        fontsize=8,
+        frameon=False,
+    )
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+
+
+def plot_accuracy(history: list[dict], zero_shot: dict, title: str = ""):
+    """Local and neighbor accuracy per round, one line per method (its final ε in the legend);
+    zero-shot dashed; whole rounds on the x axis; the run described in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
     methods = list(dict.fromkeys(r["method"] for r in history))
     for ax, key in zip(axes, ("local", "neighbor")):
         for i, m in enumerate(methods):
             rows = [r for r in history if r["method"] == m]
-            ax.plot([r["round"] for r in rows], [r[key] for r in rows], marker="o", ms=3, label=m, color=f"C{i}")
+            eps = rows[-1].get("epsilon")
+            kind = rows[-1].get("epsilon_kind", "none")
+            label = (
+                m
+                if kind == "none"
+                else f"{m} (ε = {'∞' if eps is None else f'{eps:.3g}'}" + (", nominal)" if kind == "nominal" else ")")
+            )
+            ax.plot([r["round"] for r in rows], [r[key] for r in rows], marker="o", ms=3, label=label, color=f"C{i}")
         ax.axhline(zero_shot[key], ls="--", color="gray", label="zero-shot")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"{key} accuracy")
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (mean over clients)")
-    axes[1].legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    legend_below(fig, axes)
     return fig

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pfpl.algorithms import METHOD_NAMES
 from pfpl.errors import ConfigError
@@ -44,7 +44,16 @@ class DataConfig(Section):
 class PromptConfig(Section):
     n_ctx: int = Field(16, ge=1, le=64)
     init_std: float = Field(0.02, gt=0)
-    template: str = Field("a photo of a {}.", description="hand-crafted zero-shot template")
+    template: str = Field("a photo of a {}.", description="hand-crafted zero-shot template; {} is the class name")
+
+    @field_validator("template")
+    @classmethod
+    def _one_slot(cls, value: str) -> str:
+        if value.count("{}") != 1 or value.replace("{}", "").count("{") or value.replace("{}", "").count("}"):
+            raise ValueError(
+                "must contain the class-name slot {} exactly once and no other braces, e.g. 'a photo of a {}.'"
+            )
+        return value
 
 
 MethodName = Literal[METHOD_NAMES]  # type: ignore[valid-type]
@@ -149,7 +158,8 @@ def _one_line(model: type[BaseModel], err: ValidationError) -> ConfigError:
     if first["type"] == "extra_forbidden":
         allowed = ", ".join(_allowed_keys(model, loc))
         return ConfigError(f"config error: {key} is not a known key (allowed here: {allowed})")
-    return ConfigError(f"config error: {key} = {first.get('input')!r}: {first['msg']}")
+    message = first["msg"].removeprefix("Value error, ")
+    return ConfigError(f"config error: {key} = {first.get('input')!r}: {message}")
 
 
 def build_config(data: dict[str, Any], overrides: list[str] | None = None, model: type[Config] = Config) -> Config:

@@ -38,7 +38,7 @@ def test_any_model_name_loads_a_local_checkpoint(no_network, tmp_path, tiny_conf
     assert backbone.fingerprint == weights_fingerprint(model, "pfpl-test-tiny:" + str(ckpt))
     for key, value in model.state_dict().items():
         assert torch.equal(backbone.model.state_dict()[key], value)
-    with pytest.raises(BackboneError, match="cannot load it into"):
+    with pytest.raises(BackboneError, match="another architecture than pfpl-test-tiny"):
         bad = tmp_path / "bad.pt"
         torch.save({"nonsense": torch.zeros(1)}, bad)
         load_open_clip("pfpl-test-tiny", str(bad))
@@ -56,3 +56,48 @@ def test_cuda_request_without_cuda_is_a_clear_error():
         pytest.skip("a CUDA device is present")
     with pytest.raises(BackboneError, match="no CUDA device"):
         load_backbone("embedded", device="cuda")
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)) * 4, b"hello", b""])
+def test_a_garbage_checkpoint_is_one_line_that_says_what_is_wrong(no_network, tmp_path, content):
+    bad = tmp_path / "weights.bin"
+    bad.write_bytes(content)
+    for model in ("RN50", "ViT-B-16"):
+        with pytest.raises(BackboneError) as err:
+            load_open_clip(model, str(bad))
+        message = str(err.value)
+        assert "\n" not in message and model in message
+        assert "empty" in message or "not a PyTorch" in message
+
+
+def test_a_damaged_or_foreign_checkpoint_is_one_line(no_network, tmp_path, tiny_config):
+    import zipfile
+
+    cfg_dir = tmp_path / "configs"
+    cfg_dir.mkdir()
+    (cfg_dir / "pfpl-test-tiny2.json").write_text(json.dumps(tiny_config))
+    open_clip.add_model_config(cfg_dir)
+    good = tmp_path / "tiny.pt"
+    torch.save(open_clip.create_model("pfpl-test-tiny2").state_dict(), good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(BackboneError, match="damaged or not an open_clip") as err:
+        load_open_clip("pfpl-test-tiny2", str(truncated))
+    assert "\n" not in str(err.value)
+    assert zipfile.is_zipfile(good)
+    with pytest.raises(BackboneError, match="another architecture than RN50"):
+        load_open_clip("RN50", str(good))
+
+
+def test_a_tag_resolves_from_the_local_cache_only_and_fails_at_once(no_network, tmp_path, capfd):
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(BackboneError, match="needs a download"):
+        load_open_clip("RN50", "openai", cache_dir=str(tmp_path))
+    assert time.perf_counter() - start < 5  # no request, no retries
+    assert capfd.readouterr().err.strip() == ""  # and not a warning printed
+    (tmp_path / "RN50.pt").write_bytes(b"\x80not really")  # open_clip's URL cache file for the tag
+    with pytest.raises(BackboneError) as err:
+        load_open_clip("RN50", "openai", cache_dir=str(tmp_path))
+    assert "needs a download" not in str(err.value)  # the cached file was found (and is not a model)

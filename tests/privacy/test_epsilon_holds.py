@@ -21,7 +21,7 @@ from pfpl.errors import PrivacyConfigError
 from pfpl.federation.runner import build_engine, epsilons, train_settings
 from pfpl.messages import Contributions
 from pfpl.privacy.mechanisms import PerSampleDP, StepLoss
-from pfpl.privacy.plan import validate_dp
+from pfpl.privacy.rules import validate_dp
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 DELTA = 1e-5

@@ -23,7 +23,7 @@ from pfpl.privacy.mechanisms import (
     StepLoss,
     clipped_text_gradient,
 )
-from pfpl.privacy.plan import validate_dp
+from pfpl.privacy.rules import validate_dp
 from pfpl.streams import Purpose, client_streams
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -267,8 +267,13 @@ def load_run(run_dir: Path) -> tuple[Config, dict]:
     if not folder.has_config():
         raise AuditError(f"{run_dir} is not a pfpl run folder (no config.json)")
     if not folder.has_summary():
+        if folder.has_checkpoint():
+            raise AuditError(
+                f"run {run_dir} has not finished (no summary.json); finish it with pfpl run --resume {run_dir}"
+            )
         raise AuditError(
-            f"run {run_dir} has not finished (no summary.json); finish it with pfpl run --resume {run_dir}"
+            f"run {run_dir} has not finished and has no checkpoint (it never completed a round); "
+            "train it again with pfpl run"
         )
     return build_config(folder.read_config()), folder.read_summary()
 

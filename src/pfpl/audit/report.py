@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pfpl.artifacts import atomic_write_bytes, figure_bytes
+from pfpl.artifacts import atomic_write_bytes, figure_bytes, legend_below
 
 ATTACKS = ("loss", "calibrated_loss", "lira_online", "lira_offline", "shadow_model")
 
@@ -86,7 +86,7 @@ def plot_audit(path: Path, rows: list[dict]) -> None:
     finite = [r["accountant_epsilon"] for r in rows if r["accountant_epsilon"] is not None]
     right = max(finite) * 4 if finite else 1.0
     x_of = lambda e: right if e is None else max(float(f"{float(e):.3g}"), 1e-3)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     for i, m in enumerate(methods):
         for ax, key in zip(axes, ("auc", "tpr_at_1pct_fpr")):
@@ -108,7 +108,6 @@ def plot_audit(path: Path, rows: list[dict]) -> None:
         ax.set_xlabel("accountant ε of the released prompt (∞ = no DP)")
         ax.set_title(f"{title} (best attack per point)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    legend_below(fig, axes)
     atomic_write_bytes(path, figure_bytes(fig))
     plt.close(fig)

@@ -183,7 +183,9 @@ class OpenClipBackbone:
 
 
 def _local_weights_for_tag(model_name: str, tag: str, cache_dir: str | None) -> str:
-    """Path of an already-downloaded checkpoint for a pretrained tag; never touches the network."""
+    """Path of an already-downloaded checkpoint for a pretrained tag. Only the local caches are read
+    (the hub's cache through ``try_to_load_from_cache``, open_clip's URL cache by file name): no
+    request is ever made, so a missing file is one error at once."""
     from open_clip import pretrained as pt
 
     hint = (
@@ -197,25 +199,55 @@ def _local_weights_for_tag(model_name: str, tag: str, cache_dir: str | None) -> 
             f"backbone.pretrained={tag!r} is neither a local file nor a known tag for {model_name} "
             f"(known tags: {known})"
         )
+    if cfg.get("file"):
+        return cfg["file"]
     if cfg.get("hf_hub"):
-        previous = os.environ.get("HF_HUB_OFFLINE")
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        try:
-            path = pt.download_pretrained(cfg, prefer_hf_hub=True, cache_dir=cache_dir)
-        except Exception as exc:  # huggingface_hub raises several offline/missing errors
-            raise BackboneError(hint) from exc
-        finally:
-            if previous is None:
-                os.environ.pop("HF_HUB_OFFLINE", None)
-            else:
-                os.environ["HF_HUB_OFFLINE"] = previous
-        if path:
-            return path
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, filename = os.path.split(cfg["hf_hub"])  # "org/model/" (default file name) or "org/model/file"
+        filename = filename or pt.HF_WEIGHTS_NAME
+        names = [filename] + ([pt.HF_SAFE_WEIGHTS_NAME] if filename == pt.HF_WEIGHTS_NAME else [])
+        for name in reversed(names):  # safetensors first, as open_clip prefers it
+            found = try_to_load_from_cache(repo, name, cache_dir=cache_dir)
+            if isinstance(found, str) and Path(found).is_file():
+                return found
     url = cfg.get("url", "")
-    target = Path(cache_dir or Path.home() / ".cache" / "clip") / os.path.basename(url)
-    if url and target.is_file():
-        return str(target)
+    for folder in (cache_dir, Path.home() / ".cache" / "clip"):
+        target = Path(folder) / os.path.basename(url) if folder and url else None
+        if target is not None and target.is_file():
+            return str(target)
     raise BackboneError(hint)
+
+
+def _describe_checkpoint(path: str) -> str | None:
+    """What is wrong with a checkpoint file before any loader reads it (``None``: plausible)."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return "the file is empty"
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch zip archive / legacy pickle
+        return None
+    if size >= 8 and int.from_bytes(head[:8], "little") < size and head[8:9] == b"{":  # safetensors header
+        return None
+    return f"it is not a PyTorch (.pt / .bin) or safetensors checkpoint ({size} bytes starting with {head[:8].hex()})"
+
+
+_MISMATCH = ("state_dict", "size mismatch", "Missing key", "Unexpected key", "width changed", "shape")
+
+
+def _load_failure(model_name: str, pretrained: str, exc: Exception) -> BackboneError:
+    """One line that says what is wrong with a checkpoint that failed to load."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if any(word in str(exc) for word in _MISMATCH):
+        return BackboneError(
+            f"backbone.pretrained={pretrained!r} holds weights of another architecture than {model_name} "
+            f"({type(exc).__name__}: {text[:160]})"
+        )
+    return BackboneError(
+        f"backbone.pretrained={pretrained!r} is damaged or not an open_clip {model_name} checkpoint "
+        f"({type(exc).__name__}: {text[:160]})"
+    )
 
 
 def load_open_clip(
@@ -238,6 +270,11 @@ def load_open_clip(
     if pretrained:
         if Path(pretrained).expanduser().exists():
             weights = str(Path(pretrained).expanduser())
+            if not Path(weights).is_file():
+                raise BackboneError(f"backbone.pretrained={pretrained!r} is a folder, not a checkpoint file")
+            problem = _describe_checkpoint(weights)
+            if problem:
+                raise BackboneError(f"backbone.pretrained={pretrained!r} cannot be loaded into {model_name}: {problem}")
         elif os.sep in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors", ".pth")):
             raise BackboneError(f"backbone.pretrained={pretrained!r}: no such checkpoint file")
         else:
@@ -246,7 +283,7 @@ def load_open_clip(
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=weights, device="cpu", force_image_size=image_size
         )
-    except (RuntimeError, KeyError, ValueError, OSError) as exc:
-        raise BackboneError(f"backbone.pretrained={pretrained!r}: cannot load it into {model_name}: {exc}") from exc
+    except Exception as exc:  # torch, pickle, zipfile and safetensors raise many types for a bad file
+        raise _load_failure(model_name, str(pretrained), exc) from None
     label = f"{model_name}:{pretrained or 'random'}"
     return OpenClipBackbone(model, label, preprocess, open_clip.get_tokenizer(model_name), device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from pfpl.cli.common import add_config_args, config_of
@@ -35,6 +36,7 @@ def command(args: argparse.Namespace) -> int:
     from pfpl.evaluation.quality import measure_quality
 
     backbone = load_backbone(cfg.backbone.name, cfg.backbone.pretrained, cfg.backbone.device, str(cfg.cache_dir))
+    log = (lambda message: print(f"[quality] {message}", file=sys.stderr, flush=True)) if not args.json else None
     result = measure_quality(
         backbone,
         build_dataset(cfg.data),
@@ -44,11 +46,31 @@ def command(args: argparse.Namespace) -> int:
         seed=cfg.seed,
         template=cfg.prompt.template,
         coop_epochs=args.coop_epochs,
+        log=log,
     )
-    print(json.dumps(result, indent=None if args.json else 2))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_quality(result)
     if args.update_manifest:
         from pfpl.backbones.embedded import load_manifest, record_quality
 
         folder = Path(cfg.backbone.pretrained) if cfg.backbone.pretrained else None
-        print(f"wrote {record_quality(load_manifest(folder), result, 'pfpl quality --update-manifest', folder)}")
+        written = record_quality(load_manifest(folder), result, "pfpl quality --update-manifest", folder)
+        print(f"wrote {written}", file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+def print_quality(result: dict) -> None:
+    where = f"{result['backbone']} on {result['dataset']}"
+    print(f"{where} (test, {result['test_images']} images, {result['seconds']:.0f} s):")
+    coop = result["coop"]
+    rows = [
+        ("linear probe", result["linear_probe"]),
+        ("zero-shot", result["zero_shot"]),
+        (f"CoOp {coop['shots']}-shot (lr {coop['lr']:g})", coop),
+    ]
+    domains = list(result["zero_shot"]["per_domain"])
+    print(f"  {'':<26}{'all':>8}" + "".join(f"{d:>10}" for d in domains))
+    for name, r in rows:
+        print(f"  {name:<26}{r['accuracy']:>8.1%}" + "".join(f"{r['per_domain'][d]:>10.1%}" for d in domains))

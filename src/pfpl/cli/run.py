@@ -6,9 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
+from pfpl.artifacts import check_run_folder
 from pfpl.cli.common import add_config_args, interactive, progress_bar
 from pfpl.config import load_config
 from pfpl.errors import ConfigError
+from pfpl.privacy.rules import validate_dp
 
 
 def add_parser(sub) -> None:
@@ -16,14 +18,22 @@ def add_parser(sub) -> None:
     add_config_args(p)
     p.add_argument("--out", type=Path, help="run folder (default: output_dir/run-<time>)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a killed run from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="with --out: clear a non-empty run folder first")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=command)
 
 
 def command(args: argparse.Namespace) -> int:
-    if args.resume and (args.config or args.overrides):
-        raise ConfigError("config error: --resume continues with the run folder's own config; drop --config/--set")
-    cfg = load_config(args.config, args.overrides) if not args.resume else None
+    if args.resume and (args.config or args.overrides or args.out or args.overwrite):
+        raise ConfigError(
+            "config error: --resume continues the run folder with its own config; drop --config/--set/--out/--overwrite"
+        )
+    cfg = None
+    if not args.resume:
+        cfg = load_config(args.config, args.overrides)
+        validate_dp(cfg.dp, cfg.train.methods, cfg.federation)
+        if args.out:
+            check_run_folder(args.out, args.overwrite)
     from pfpl.federation.runner import new_run_dir, resume, run
 
     total = None if cfg is None else len(cfg.train.methods) * cfg.federation.rounds
@@ -37,7 +47,7 @@ def command(args: argparse.Namespace) -> int:
         if args.resume:
             summary = resume(args.resume, progress)
         else:
-            summary = run(cfg, args.out or new_run_dir(cfg), progress=progress)
+            summary = run(cfg, args.out or new_run_dir(cfg), progress=progress, overwrite=args.overwrite)
     if args.json:
         print(json.dumps(summary))
     else:

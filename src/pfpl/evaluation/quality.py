@@ -4,6 +4,7 @@ per domain. These are the figures the embedded model's manifest and docs/embedde
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,16 +29,22 @@ def measure_quality(
     template: str = "a photo of a {}.",
     coop_epochs: int = 30,
     coop_lrs: tuple[float, ...] = (0.002, 0.02, 0.2),
+    log: Callable[[str], None] | None = None,
 ) -> dict:
+    """``log`` hears about each stage as it starts (the whole takes seconds to minutes)."""
     t0 = time.time()
+    say = log or (lambda message: None)
+    say("image features of train, val and test (computed once, then cached)")
     train, val, test = (image_features(backbone, dataset, s, cache_dir) for s in ("train", "val", "test"))
     names, domains = dataset.classnames, dataset.domainnames
+    say(f"linear probe on {len(train)} training images")
     probe = linear_probe(train, val, test, len(names))
     zs = zero_shot(backbone, test, names, domains, template)
     tower = PromptTower(backbone, names, n_ctx)
     shots_set = few_shot(train, shots, seed)
     best = None  # the learning rate is chosen on the validation split, never on test
     for lr in coop_lrs:
+        say(f"centralised CoOp, {shots} shots, lr {lr:g} ({coop_epochs} epochs; {time.time() - t0:.0f} s so far)")
         ctx = fit_coop(tower, shots_set, backbone.logit_scale, epochs=coop_epochs, lr=lr, seed=seed)
         with torch.no_grad():
             val_acc = float(

@@ -10,6 +10,7 @@ final metrics as an uninterrupted run of the same seed.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ import torch
 
 from pfpl.algorithms import get_method
 from pfpl.algorithms.base import Method, MethodSettings
-from pfpl.artifacts import ReleasedPrompts, RunFolder, plot_accuracy
+from pfpl.artifacts import ReleasedPrompts, RunFolder, check_run_folder, clear_folder, plot_accuracy
 from pfpl.backbones import PromptTower, load_backbone
 from pfpl.config import Config, build_config
 from pfpl.data import build_dataset
@@ -33,9 +34,11 @@ from pfpl.evaluation.zeroshot import zero_shot_text_features
 from pfpl.federation.client import TrainSettings, steps_per_round
 from pfpl.federation.simulator import Simulator
 from pfpl.messages import WeightedMean
-from pfpl.privacy.plan import MethodLeaves, PrivacyPlan, TrainingShape, plan_privacy, validate_dp
+from pfpl.privacy.plan import MethodLeaves, PrivacyPlan, TrainingShape, plan_privacy
+from pfpl.privacy.rules import validate_dp
 
 Progress = Callable[[str, int, int], None]
+log = logging.getLogger(__name__)
 
 
 def train_settings(cfg: Config) -> TrainSettings:
@@ -218,18 +221,24 @@ def privacy_record(sim: Simulator, plan: PrivacyPlan) -> dict:
     }
 
 
-def run(cfg: Config, run_dir: Path, state: dict | None = None, progress: Progress | None = None) -> dict:
+def run(
+    cfg: Config, run_dir: Path, state: dict | None = None, progress: Progress | None = None, overwrite: bool = False
+) -> dict:
     """Train and evaluate every method of ``cfg`` into ``run_dir``; ``state`` resumes a checkpoint.
 
-    Every input is checked (privacy combinations, backbone, dataset, partition, each method's privacy
-    plan) before the run folder is written."""
+    A new run refuses a non-empty folder unless ``overwrite``. Every input is checked (privacy
+    combinations, backbone, dataset, partition, each method's privacy plan) before the run folder
+    is touched, so a failed start leaves nothing behind."""
     validate_dp(cfg.dp, cfg.train.methods, cfg.federation)
+    if state is None:
+        check_run_folder(run_dir, overwrite)
     bench = Benchmark(cfg)
     for name in cfg.train.methods:
         bench.privacy_plan(name)
     folder = RunFolder(run_dir)
     config_dump = json.loads(cfg.model_dump_json())
     if state is None:
+        clear_folder(folder.path)
         state = {"config": config_dump, "completed": {}, "history": [], "current": None}
         folder.write_config(config_dump)
     fingerprints = {"backbone": bench.backbone.fingerprint, "dataset": bench.dataset.fingerprint}
@@ -280,6 +289,18 @@ def run(cfg: Config, run_dir: Path, state: dict | None = None, progress: Progres
                 state["current"] = None
             folder.save_checkpoint(state)
             folder.write_metrics(history)
+            row = history[-1]
+            eps = "∞" if row["epsilon"] is None else f"{row['epsilon']:.3g}"
+            log.info(
+                "%s round %d/%d: local %.2f%%, neighbor %.2f%%, ε %s, %.1f s",
+                name,
+                sim.round,
+                cfg.federation.rounds,
+                100 * row["local"],
+                100 * row["neighbor"],
+                eps,
+                row["seconds"],
+            )
             if progress:
                 progress(name, sim.round, cfg.federation.rounds)
     summary = {
@@ -300,8 +321,25 @@ def run(cfg: Config, run_dir: Path, state: dict | None = None, progress: Progres
         },
     }
     folder.write_summary(summary)
-    folder.write_figure("accuracy.png", plot_accuracy(history, zero_shot))
+    folder.write_figure("accuracy.png", plot_accuracy(history, zero_shot, run_title(summary["setup"], cfg)))
     return summary
+
+
+def run_title(setup: dict, cfg: Config) -> str:
+    """One line that says what a run's plot shows."""
+    dp = cfg.dp
+    privacy = (
+        "no DP"
+        if dp.mode == "off"
+        else f"DP {dp.mode}, δ = {dp.delta:g}"
+        + (f", target ε = {dp.target_epsilon:g}" if dp.target_epsilon is not None else f", σ = {dp.noise_multiplier:g}")
+    )
+    if dp.client_clip > 0:
+        privacy += f"; client-level clip {dp.client_clip:g}, σ_c = {dp.client_noise_multiplier:g}"
+    return (
+        f"{setup['backbone']} on {setup['dataset']}: {setup['n_clients']} clients, {setup['partition']} split, "
+        f"{setup['sync']} sync, seed {setup['seed']}; {privacy}"
+    )
 
 
 def resume(run_dir: Path, progress: Progress | None = None) -> dict:

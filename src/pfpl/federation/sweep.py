@@ -14,7 +14,7 @@ from pathlib import Path
 from pfpl.artifacts import RunFolder, atomic_write_bytes, atomic_write_text, figure_bytes, write_json
 from pfpl.config import Config, build_config
 from pfpl.federation.runner import resume, run
-from pfpl.privacy.plan import validate_dp
+from pfpl.privacy.rules import validate_dp
 
 
 def _label(eps: float) -> str:
@@ -86,30 +86,30 @@ def _write_csv(path: Path, table: dict) -> None:
 
 
 def plot_sweep(path: Path, table: dict) -> None:
-    """Local and neighbor accuracy against ε, one line per method (∞ drawn at the right end)."""
+    """Local and neighbor accuracy against the target ε, one line per method. The targets are evenly
+    spaced categories (∞ = no DP is a category, not a point on a numeric axis); zero-shot dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pfpl.artifacts import legend_below
+
     labels = table["epsilons"]
-    finite = [float(x) for x in labels if x != "inf"]
-    right = (max(finite) * 4) if finite else 1.0
-    xs = [right if x == "inf" else float(x) for x in labels]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    xs = list(range(len(labels)))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
+    nominal = " — NOMINAL ε, no formal guarantee" if table.get("nominal") else ""
     for ax, key in zip(axes, ("local", "neighbor")):
         for i, (m, by_eps) in enumerate(table["methods"].items()):
             ax.plot(xs, [by_eps[x][key] for x in labels], marker="o", label=m, color=f"C{i}")
         if table.get("zero_shot"):
             ax.axhline(table["zero_shot"][key], ls="--", color="gray", label="zero-shot")
-        ax.set_xscale("log")
-        ax.set_xticks(xs, [("∞" if x == "inf" else x) for x in labels])
-        nominal = " — NOMINAL ε, no formal guarantee" if table.get("nominal") else ""
+        ax.set_xticks(xs, [("∞ (no DP)" if x == "inf" else x) for x in labels])
+        ax.minorticks_off()
         ax.set_xlabel(f"target ε (δ = {table['delta']:g}, {table['mode']} mode){nominal}")
         ax.set_title(f"{key} accuracy")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (mean over clients)")
-    axes[1].legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+    legend_below(fig, axes)
     atomic_write_bytes(path, figure_bytes(fig))
     plt.close(fig)

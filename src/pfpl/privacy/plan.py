@@ -28,18 +28,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pfpl.algorithms import METHOD_NAMES
-from pfpl.config import DPConfig, FederationConfig
+from pfpl.config import DPConfig
 from pfpl.data.clients import appearances_per_round, expected_batch
-from pfpl.errors import PrivacyConfigError
 from pfpl.messages import Aggregator
 from pfpl.privacy.accounting import Accountant, calibrate_noise
 from pfpl.privacy.aggregation import ClientLevelDP, GlobalDP, ReferenceServerNoise
 from pfpl.privacy.mechanisms import BatchClipReference, BatchMean, FeatureDP, GradientMechanism, PerSampleDP
-
-DP_MODES = ("off", "feature", "per-sample", "reference")
-# the published code has no DP CoOp baseline, so ``reference`` has no counterpart to reproduce for it
-REFERENCE_METHODS = tuple(m for m in METHOD_NAMES if m != "coop")
 
 #: one accountant event: (noise multiplier, sample rate, count)
 Event = tuple[float, float, int]
@@ -78,46 +72,6 @@ def reference_sigma(nominal_epsilon: float, delta: float, rounds: int) -> float:
     if math.isinf(nominal_epsilon):
         return 0.0
     return math.sqrt(rounds * math.log(1 / delta)) / nominal_epsilon
-
-
-def validate_dp(dp: DPConfig, methods: list[str], federation: FederationConfig | None = None) -> None:
-    """One clear error for every combination pfpl cannot run or cannot account for, before any training."""
-    if dp.mode == "off" and (dp.target_epsilon is not None or dp.noise_multiplier > 0):
-        raise PrivacyConfigError(
-            "dp.target_epsilon / dp.noise_multiplier are set but dp.mode='off'; "
-            "set dp.mode to feature, per-sample or reference"
-        )
-    if dp.mode == "reference":
-        unsupported = [m for m in methods if m not in REFERENCE_METHODS]
-        if unsupported:
-            raise PrivacyConfigError(
-                f"dp.mode='reference' does not support method {unsupported[0]!r} (the published "
-                f"code has no such baseline); supported: {', '.join(REFERENCE_METHODS)}"
-            )
-        if dp.target_epsilon is None:
-            raise PrivacyConfigError("dp.mode='reference' needs dp.target_epsilon (its nominal ε)")
-    if dp.target_epsilon is not None and dp.noise_multiplier > 0:
-        raise PrivacyConfigError(
-            f"set either dp.target_epsilon ({dp.target_epsilon}) or dp.noise_multiplier "
-            f"({dp.noise_multiplier}), not both"
-        )
-    if dp.client_noise_multiplier > 0 and dp.client_clip == 0:
-        raise PrivacyConfigError("dp.client_noise_multiplier > 0 needs dp.client_clip > 0")
-    if federation is None:
-        return
-    if dp.client_noise_multiplier > 0 and federation.participation < 1 and federation.client_sampling != "poisson":
-        raise PrivacyConfigError(
-            f"client-level DP with federation.participation={federation.participation} needs "
-            "federation.client_sampling='poisson': its accountant amplifies by Poisson sampling of clients, "
-            "which a fixed-size sample of clients is not"
-        )
-    if dp.mode == "per-sample" and dp.global_dp and federation.sync == "fedavg":
-        raise PrivacyConfigError(
-            "dp.mode='per-sample' with dp.global_dp and federation.sync='fedavg' cannot be accounted: the "
-            "server's noise would cover a multi-step local update whose sensitivity to one record grows with "
-            "the learning rate, momentum and steps; use federation.sync='step', or dp.mode='feature' "
-            "(every step noised on the client)"
-        )
 
 
 @dataclass
