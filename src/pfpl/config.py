@@ -69,6 +69,10 @@ class FederationConfig(Section):
     batch_size: int = Field(32, ge=1)
     sync: Literal["step", "fedavg"] = Field("step", description="step: DP-FPL's per-step gradient averaging")
     participation: float = Field(1.0, gt=0, le=1, description="fraction of clients sampled per round")
+    secure_aggregation: bool = Field(
+        False, description="the server learns only sums of the shared updates (SecAgg+, settings in [secure])"
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="probability a participant drops out of a round's exchange")
     client_sampling: Literal["fixed", "poisson"] = Field(
         "fixed",
         description="fixed: round(participation·N) clients per round; poisson: each client independently "
@@ -111,6 +115,15 @@ class DPConfig(Section):
     client_noise_multiplier: float = Field(0.0, ge=0)
 
 
+class SecureConfig(Section):
+    ring_bits: int = Field(64, ge=16, le=64, description="masked vectors live in Z_2^ring_bits")
+    frac_bits: int = Field(24, ge=0, le=48, description="fixed-point scale 2^frac_bits (no distributed DP)")
+    threshold: float = Field(0.6, gt=0.5, le=1, description="fraction of a neighbourhood needed to unmask")
+    graph: Literal["sparse", "full"] = Field("sparse", description="SecAgg+'s O(log n) neighbours, or everyone")
+    degree: int | None = Field(None, ge=2, description="neighbours per client in the sparse graph (default ~2·log2 n)")
+    noise_bits: int = Field(16, ge=4, le=30, description="distributed DP: integer noise std 2^noise_bits")
+
+
 class Config(Section):
     seed: int = Field(0, ge=0)
     cache_dir: Path = Path(".pfpl-cache")
@@ -121,6 +134,7 @@ class Config(Section):
     federation: FederationConfig = FederationConfig()
     train: TrainConfig = TrainConfig()
     dp: DPConfig = DPConfig()
+    secure: SecureConfig = SecureConfig()
 
 
 def _parse_value(raw: str) -> Any:

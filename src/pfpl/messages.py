@@ -51,6 +51,13 @@ class Contributions:
     groups: torch.Tensor  # [B] the group each client's value belongs to
     n_groups: int
     expected: torch.Tensor | None = None  # [G] expected contributions per group (participation × members)
+    # which exchange this is (round, step, shared parameter): keys the clients' own protocol streams
+    round: int = 0
+    step: int = 0
+    index: int = 0
+    # clients that dropped out of this exchange: client -> (phase, group). Those that dropped before
+    # delivering are not among ``values``; those that dropped while unmasking are (their input counts)
+    drops: dict[int, tuple[str, int]] | None = None
 
     def with_values(self, values: torch.Tensor) -> Contributions:
         return replace(self, values=values)

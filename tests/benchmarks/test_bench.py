@@ -196,3 +196,19 @@ def test_engine_and_reference_compute_the_same_thing(tiny_name):
         reference.run_round()
     for name in engine.params:
         assert_same(engine.params[name], reference.params[name])
+
+
+def test_secagg_bench_reports_each_role_and_a_share_of_the_round(capsys):
+    from pfpl.benchmarks.secagg import format_secagg, run_secagg_bench
+
+    result = run_secagg_bench(clients=(6,))
+    rows = result["rows"]
+    assert {(r["vector"], r["graph"]) for r in rows} == {
+        (v, g) for v in ("embedded 16×64", "ViT-B-16 16×512") for g in ("sparse", "full")
+    }
+    for r in rows:
+        assert r["wall_s"] > 0 and r["server_s"] > 0 and r["client_s_max"] >= r["client_s_mean"] > 0
+        assert r["bytes_per_client"] > r["length"] * 8  # at least the masked vector itself
+    trained = [r for r in rows if r["share_of_fedavg_round"] is not None]
+    assert trained and all(0 < r["share_of_fedavg_round"] < 1 for r in trained)
+    assert "server s" in format_secagg(result)

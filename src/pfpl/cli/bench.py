@@ -73,6 +73,11 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--dp", action="store_true", help="time DP steps (feature, per-sample) against a non-private step instead"
     )
+    p.add_argument(
+        "--secagg",
+        action="store_true",
+        help="time one secure-aggregation protocol round (10, 100, 1000 clients) against a training round",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=command)
 
@@ -99,6 +104,12 @@ def command(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     validate(cfg)
     log = (lambda message: print(f"[bench] {message}", file=sys.stderr, flush=True)) if sys.stderr.isatty() else None
+    if args.secagg:
+        from pfpl.benchmarks.secagg import format_secagg, run_secagg_bench
+
+        result = run_secagg_bench(log=log)
+        print(json.dumps(result) if args.json else format_secagg(result))
+        return 0
     if args.dp:
         from pfpl.benchmarks.dp import run_dp_bench
 

@@ -34,6 +34,7 @@ class TrainSettings:
     sync: str = "step"  # "step": shared gradients averaged every step; "fedavg": E local steps, then average
     participation: float = 1.0
     client_sampling: str = "fixed"  # "fixed": round(p·N) clients per round; "poisson": each with probability p
+    dropout: float = 0.0  # probability a participant drops out of an exchange (see Server.deliver)
     lr: float = 0.002
     momentum: float = 0.9
     weight_decay: float = 5e-4

@@ -51,6 +51,7 @@ def train_settings(cfg: Config) -> TrainSettings:
         sync=f.sync,
         participation=f.participation,
         client_sampling=f.client_sampling,
+        dropout=f.dropout,
         lr=t.lr,
         momentum=t.momentum,
         weight_decay=t.weight_decay,
@@ -77,7 +78,13 @@ def method_leaves(method: Method) -> MethodLeaves:
     )
 
 
-def plan_for(cfg: Config, method: Method, sizes: list[int], settings: TrainSettings) -> PrivacyPlan:
+def shared_numel(method: Method, n_ctx: int, dim: int) -> int:
+    """Entries of the (largest) shared parameter: the dimension one secure aggregation sums."""
+    shapes = method.init_shared(n_ctx, dim, torch.Generator().manual_seed(0))
+    return max((v.numel() for v in shapes.values()), default=0)
+
+
+def plan_for(cfg: Config, method: Method, sizes: list[int], settings: TrainSettings, dim: int) -> PrivacyPlan:
     """The privacy plan of ``method`` on clients of ``sizes`` (refuses what cannot be accounted)."""
     shape = TrainingShape(
         sizes=tuple(sizes),
@@ -88,8 +95,30 @@ def plan_for(cfg: Config, method: Method, sizes: list[int], settings: TrainSetti
         participation=settings.participation,
         sampling=settings.sampling,
         client_sampling=settings.client_sampling,
+        shared_numel=shared_numel(method, cfg.prompt.n_ctx, dim),
+        secure_noise_bits=cfg.secure.noise_bits if cfg.federation.secure_aggregation else None,
     )
     return plan_privacy(cfg.dp, method_leaves(method), shape)
+
+
+def build_aggregator(cfg: Config, plan: PrivacyPlan):
+    """The server's aggregator: SecAgg+ with the plan's distributed DP, or the plan's plaintext DP
+    wrappers around a weighted mean."""
+    if not cfg.federation.secure_aggregation:
+        return plan.wrap_aggregator(WeightedMean())
+    from pfpl.secure.aggregator import SecureAggregator, SecureSettings
+
+    s = cfg.secure
+    settings = SecureSettings(
+        ring_bits=s.ring_bits,
+        frac_bits=s.frac_bits,
+        threshold=s.threshold,
+        graph=s.graph,
+        degree=s.degree,
+        noise_bits=s.noise_bits,
+        seed=cfg.seed,
+    )
+    return SecureAggregator(settings, **plan.secure_policy())
 
 
 def build_engine(
@@ -106,7 +135,7 @@ def build_engine(
     privacy charges, and its plan."""
     settings = settings or train_settings(cfg)
     method = method or get_method(method_name)(method_settings(cfg))
-    plan = plan_for(cfg, method, data.sizes(), settings)
+    plan = plan_for(cfg, method, data.sizes(), settings, tower.backbone.ctx_dim)
     sim = Simulator(
         method,
         tower,
@@ -115,7 +144,7 @@ def build_engine(
         scale,
         reference,
         mechanism=plan.gradient_mechanism(),
-        aggregator=plan.wrap_aggregator(WeightedMean()),
+        aggregator=build_aggregator(cfg, plan),
         charges=plan,
     )
     return sim, plan
@@ -159,7 +188,7 @@ class Benchmark:
 
     def privacy_plan(self, method_name: str) -> PrivacyPlan:
         method = get_method(method_name)(method_settings(self.cfg))
-        return plan_for(self.cfg, method, self.partition.sizes(), train_settings(self.cfg))
+        return plan_for(self.cfg, method, self.partition.sizes(), train_settings(self.cfg), self.backbone.ctx_dim)
 
     def engine(self, method_name: str) -> tuple[Simulator, PrivacyPlan]:
         return build_engine(

@@ -9,6 +9,7 @@ import torch
 from pfpl.algorithms.base import Method
 from pfpl.federation.client import TrainSettings, sgd_step
 from pfpl.messages import Aggregator, Contributions, Upload, WeightedMean, group_sum
+from pfpl.secure.protocol import PHASES
 from pfpl.streams import SERVER, Purpose, stream
 
 
@@ -59,11 +60,23 @@ class Server:
         """Aggregate one exchange's uploads per group and step the shared parameters."""
         if not self.s.train_shared or not self.shared:
             return
+        upload, drops = self.deliver(upload, round_index, step)
         groups = self.groups[upload.clients.to(self.groups.device)]
         lr = self.s.lr_at(round_index)
         expected = self.expected_contributions()
         for i, name in enumerate(self.method.shared_params):
-            c = Contributions(upload.values[name], upload.sizes, upload.clients, groups, self.n_groups, expected)
+            c = Contributions(
+                upload.values[name],
+                upload.sizes,
+                upload.clients,
+                groups,
+                self.n_groups,
+                expected,
+                round_index,
+                step,
+                i,
+                drops,
+            )
             agg = self.aggregator(c, stream(self.s.seed, Purpose.SERVER_NOISE, round_index, step, SERVER, i))
             touched = self.aggregator.releases(c)
             if self.s.sync == "step":
@@ -73,6 +86,33 @@ class Server:
                 self.shared[name][touched], self.momentum[name][touched] = p[touched], m[touched]
             else:
                 self.shared[name][touched] += agg[touched]
+
+    def deliver(self, upload: Upload, round_index: int, step: int) -> tuple[Upload, dict[int, tuple[str, int]]]:
+        """Which uploads arrive: with ``dropout`` p each participant drops out of the exchange with
+        probability p, at a phase drawn uniformly from the secure protocol's four (advertise keys,
+        share keys, masked input, unmasking); before the masked input its upload is lost, while
+        unmasking it still counts. Returns the delivered uploads and ``{client: (phase, group)}``."""
+        if self.s.dropout == 0 or len(upload.clients) == 0:
+            return upload, {}
+        drops: dict[int, tuple[str, int]] = {}
+        keep = []
+        for row, client in enumerate(upload.clients.tolist()):
+            gen = stream(self.s.seed, Purpose.DROPOUT, round_index, step, client)
+            draw = torch.rand(2, generator=gen)
+            if float(draw[0]) < self.s.dropout:
+                phase = PHASES[min(3, int(float(draw[1]) * 4))]
+                drops[client] = (phase, int(self.groups[client]))
+                if phase != "unmask":
+                    continue
+            keep.append(row)
+        rows = torch.tensor(keep, dtype=torch.long)
+        kept = Upload(
+            upload.clients[rows],
+            {k: v[rows.to(v.device)] for k, v in upload.values.items()},
+            upload.sizes[rows.to(upload.sizes.device)],
+            upload.loss[rows.to(upload.loss.device)],
+        )
+        return kept, drops
 
     def empty_upload(self) -> Upload:
         """What a round with no participants delivers: nothing, in the right shapes."""

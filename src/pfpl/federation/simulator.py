@@ -33,9 +33,9 @@ class Charges(Protocol):
 
     accountant: str
 
-    def round_events(self, size: int, steps: int) -> list[tuple[float, float, int]]: ...
+    def charge_round(self, ledger: Accountant, size: int, steps: int) -> None: ...
 
-    def client_level_events(self) -> list[tuple[float, float, int]]: ...
+    def charge_client_level(self, ledger: Accountant) -> None: ...
 
 
 class ServerPhase(Protocol):
@@ -190,10 +190,8 @@ class Simulator:
         if self.charges is None:
             return
         for c in active.tolist():
-            for sigma, q, n in self.charges.round_events(len(self.data.clients[c]), self.local_steps):
-                self.ledgers[c].step(sigma, q, n)
-        for sigma, q, n in self.charges.client_level_events():
-            self.client_level.step(sigma, q, n)
+            self.charges.charge_round(self.ledgers[c], len(self.data.clients[c]), self.local_steps)
+        self.charges.charge_client_level(self.client_level)
 
     # ---- released prompts --------------------------------------------------------------------
     @torch.no_grad()

@@ -310,16 +310,43 @@ def _cached_epsilon(history: tuple[tuple[float, float, int], ...], delta: float,
     return _eps_history(list(history), delta, accountant)
 
 
+@functools.lru_cache(maxsize=4096)
+def _cached_curve_epsilon(
+    history: tuple[tuple[float, float, int], ...], curves: tuple[tuple[tuple[float, ...], int], ...], delta: float
+) -> float:
+    """ε at δ of Gaussian events and RDP curves at the integer orders of :mod:`pfpl.privacy.skellam`."""
+    from pfpl.privacy.skellam import INTEGER_ORDERS
+
+    orders = list(INTEGER_ORDERS)
+    total = np.zeros(len(orders))
+    for sigma, q, steps in history:
+        if sigma == 0:
+            return math.inf
+        total += steps * np.asarray(opacus_rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=orders))
+    for curve, count in curves:
+        total += count * np.asarray(curve)
+    if not np.isfinite(total).any():
+        return math.inf
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_EXTREME_ORDER_WARNING)
+        eps, _ = opacus_rdp.get_privacy_spent(orders=orders, rdp=total, delta=delta)
+    return max(0.0, float(eps))
+
+
 class Accountant:
-    """A stateful accountant, as Opacus's: ``step(noise_multiplier, sample_rate, steps)`` records what
-    ran on one party's records, ``epsilon(delta)`` composes it (add/remove-one, sample-level, Poisson
-    subsampling if q < 1). Each client holds one for its own records; equal histories share one
-    cached ε, so thousands of clients cost a handful of computations."""
+    """A stateful accountant, as Opacus's: ``step(noise_multiplier, sample_rate, steps)`` records a
+    (subsampled) Gaussian mechanism that ran on one party's records, ``step_rdp(curve, steps)`` any
+    other mechanism by its RDP curve at the integer orders of :mod:`pfpl.privacy.skellam` (the
+    Skellam noise of distributed DP), and ``epsilon(delta)`` composes them (add/remove-one,
+    sample-level). Each client holds one for its own records; equal histories share one cached ε, so
+    thousands of clients cost a handful of computations. With RDP curves present, every event is
+    accounted at the integer orders (the chosen ``accountant`` applies to Gaussian-only histories)."""
 
     def __init__(self, accountant: str = "rdp"):
         _check_accountant(accountant)
         self.accountant = accountant
         self.history: dict[tuple[float, float], int] = {}
+        self.curves: dict[tuple[float, ...], int] = {}
 
     def step(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
         validate(sample_rate=sample_rate, noise_multiplier=noise_multiplier, steps=steps)
@@ -327,17 +354,35 @@ class Accountant:
             key = (float(noise_multiplier), float(sample_rate))
             self.history[key] = self.history.get(key, 0) + int(steps)
 
+    def step_rdp(self, curve: Sequence[float], steps: int = 1) -> None:
+        from pfpl.privacy.skellam import INTEGER_ORDERS
+
+        if len(curve) != len(INTEGER_ORDERS):
+            raise PrivacyConfigError(f"an RDP curve needs {len(INTEGER_ORDERS)} values (one per integer order)")
+        validate(steps=steps)
+        if steps:
+            key = tuple(float(x) for x in curve)
+            self.curves[key] = self.curves.get(key, 0) + int(steps)
+
     def epsilon(self, delta: float) -> float:
         validate(delta=delta)
         items = tuple(sorted((sigma, q, n) for (sigma, q), n in self.history.items()))
+        if self.curves:
+            return _cached_curve_epsilon(items, tuple(sorted(self.curves.items())), float(delta))
         return _cached_epsilon(items, float(delta), self.accountant)
 
     def state_dict(self) -> dict:
-        return {"accountant": self.accountant, "history": [[s, q, n] for (s, q), n in self.history.items()]}
+        return {
+            "accountant": self.accountant,
+            "history": [[s, q, n] for (s, q), n in self.history.items()],
+            "curves": [[list(c), n] for c, n in self.curves.items()],
+        }
 
     @classmethod
     def from_state(cls, state: dict) -> Accountant:
         acc = cls(state["accountant"])
         for sigma, q, n in state["history"]:
             acc.step(sigma, q, int(n))
+        for curve, n in state.get("curves", []):
+            acc.step_rdp(curve, int(n))
         return acc

@@ -26,11 +26,15 @@ add/remove one client with all its data.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 from pfpl.config import DPConfig
 from pfpl.data.clients import appearances_per_round, expected_batch
+from pfpl.errors import PrivacyConfigError
 from pfpl.messages import Aggregator
+from pfpl.privacy import skellam
 from pfpl.privacy.accounting import Accountant, calibrate_noise
 from pfpl.privacy.aggregation import ClientLevelDP, GlobalDP, ReferenceServerNoise
 from pfpl.privacy.mechanisms import BatchClipReference, BatchMean, FeatureDP, GradientMechanism, PerSampleDP
@@ -65,6 +69,11 @@ class TrainingShape:
     participation: float
     sampling: str
     client_sampling: str = "fixed"
+    shared_numel: int = 0  # entries of the shared vector one aggregation sums (distributed DP's dimension)
+    secure_noise_bits: int | None = None  # secure aggregation on: its distributed noise has integer std 2^this
+
+    def expected_batch(self) -> list[int]:
+        return [expected_batch(n, self.batch_size) for n in self.sizes]
 
 
 def reference_sigma(nominal_epsilon: float, delta: float, rounds: int) -> float:
@@ -95,6 +104,9 @@ class PrivacyPlan:
     client_sigma: float = 0.0
     participation: float = 1.0
     aggregations_per_round: int = 1  # client-level mechanism applications per round
+    secure_noise_bits: int | None = None  # secure aggregation (SecAgg+) with distributed DP, when set
+    max_record_weight: float = 0.0  # max_i w_i / B_i over the federation (w_i = n_i, or 1 with client-level DP)
+    shared_numel: int = 0
 
     # ---- the mechanisms ------------------------------------------------------------------------
     def gradient_mechanism(self) -> GradientMechanism:
@@ -108,7 +120,8 @@ class PrivacyPlan:
         return BatchMean()
 
     def wrap_aggregator(self, inner: Aggregator) -> Aggregator:
-        """The server's aggregator with client-level DP and global DP around it (both, when both are on)."""
+        """The server's plaintext aggregator: client-level DP and global DP around ``inner`` (both, when
+        both are on). With secure aggregation the clients do this themselves: see :meth:`secure_policy`."""
         if self.client_clip > 0:
             inner = ClientLevelDP(inner, self.client_clip, self.client_sigma)
         if self.has_shared_global and self.sigma_global > 0:
@@ -117,7 +130,44 @@ class PrivacyPlan:
             inner = ReferenceServerNoise(inner, self.sigma, self.clip, self.batch_size)
         return inner
 
-    # ---- accounting ----------------------------------------------------------------------------
+    # ---- distributed DP (secure aggregation) ----------------------------------------------------
+    def secure_policy(self) -> dict:
+        """What each client does to its vector under secure aggregation: its weighting (sizes, or equal
+        with client-level DP), its own clipping, and the distributed noise std the shares must add."""
+        return {
+            "weighting": "equal" if self.client_clip > 0 else "size",
+            "client_clip": self.client_clip,
+            "noise_std": self.distributed_std(),
+        }
+
+    def distributed_std(self) -> float:
+        """The Gaussian-equivalent noise std the clients' Skellam shares add to a group's sum: global
+        DP's σ_G·C·max w_i/B_i and client-level DP's σ_c·S, in units of the sum."""
+        global_std = self.sigma_global * self.clip * self.max_record_weight if self.has_shared_global else 0.0
+        client_std = self.client_sigma * self.client_clip
+        return math.hypot(global_std, client_std)
+
+    def _skellam_curve(self, l2_real: float) -> np.ndarray:
+        """RDP at the integer orders of one secure aggregation whose sum moves by ``l2_real`` (real units)."""
+        std = self.distributed_std()
+        scale = 2.0**self.secure_noise_bits / std
+        lam = (2.0**self.secure_noise_bits) ** 2 / 2
+        l2, l1 = skellam.integer_sensitivity(l2_real, scale, max(1, self.shared_numel))
+        return skellam.skellam_rdp(skellam.INTEGER_ORDERS, l2, l1, lam)
+
+    @property
+    def distributed(self) -> bool:
+        return self.secure_noise_bits is not None and self.distributed_std() > 0
+
+    def _sample_curve(self, size: int) -> tuple[np.ndarray, int]:
+        """Per-round RDP curve of one client's records with distributed global DP, and its count."""
+        factor = 2.0 if self.sampling == "shuffle" else 1.0  # replace-one: twice the sensitivity
+        curve = self._skellam_curve(factor * self.clip * self.max_record_weight)
+        if self.has_local:
+            curve = curve + skellam.gaussian_rdp(skellam.INTEGER_ORDERS, self.sigma / factor)
+        return curve, factor
+
+    # ---- accounting    # ---- accounting ----------------------------------------------------------------------------
     @property
     def sample_level(self) -> bool:
         """Whether sample-level ε is accounted (a real guarantee, not nominal, not unprotected)."""
@@ -135,12 +185,39 @@ class PrivacyPlan:
         return (self.sigma**-2 + self.sigma_global**-2) ** -0.5
 
     def round_events(self, size: int, steps: int) -> list[Event]:
-        """What one round of ``steps`` local steps charges a client with ``size`` records."""
+        """The Gaussian events one round of ``steps`` local steps charges a client with ``size`` records
+        (with distributed DP the events are RDP curves: see :meth:`charge_round`)."""
         if not self.sample_level or steps == 0:
             return []
         if self.sampling == "poisson":
             return [(self.effective_sigma, expected_batch(size, self.batch_size) / size, steps)]
         return [(self.effective_sigma / 2, 1.0, appearances_per_round(size, steps, self.batch_size))]
+
+    def charge_round(self, ledger: Accountant, size: int, steps: int) -> None:
+        """Record in a client's accountant what one round cost its records."""
+        if not (self.distributed and self.has_shared_global):
+            for sigma, q, n in self.round_events(size, steps):
+                ledger.step(sigma, q, n)
+            return
+        if not self.sample_level or steps == 0:
+            return
+        curve, _ = self._sample_curve(size)
+        if self.sampling == "poisson":
+            q = expected_batch(size, self.batch_size) / size
+            ledger.step_rdp(skellam.poisson_subsampled_rdp(skellam.INTEGER_ORDERS, q, curve), steps)
+        else:
+            ledger.step_rdp(curve, appearances_per_round(size, steps, self.batch_size))
+
+    def charge_client_level(self, ledger: Accountant) -> None:
+        """Record in the federation's client-level accountant what one round cost."""
+        if self.client_sigma == 0:
+            return
+        if not self.distributed:
+            for sigma, q, n in self.client_level_events():
+                ledger.step(sigma, q, n)
+            return
+        curve = self.aggregations_per_round * self._skellam_curve(self.client_clip)
+        ledger.step_rdp(skellam.poisson_subsampled_rdp(skellam.INTEGER_ORDERS, self.participation, curve))
 
     def client_epsilon(self, ledger: Accountant, rounds_taken: int) -> float:
         """A client's ε(δ) for its released prompt (nominal ε in reference mode; ∞ when unprotected)."""
@@ -216,6 +293,8 @@ def plan_privacy(dp: DPConfig, method: MethodLeaves, shape: TrainingShape) -> Pr
     has_local = dp.mode == "per-sample" and bool(method.private_leaves)
     has_shared_global = dp.mode == "per-sample" and bool(method.clipped_only) and dp.global_dp
     unprotected = dp.mode == "per-sample" and bool(method.clipped_only) and not dp.global_dp
+    weights = [1.0] * len(shape.sizes) if dp.client_clip > 0 else [float(n) for n in shape.sizes]
+    max_record_weight = max(w / b for w, b in zip(weights, shape.expected_batch())) if shape.sizes else 0.0
     plan = PrivacyPlan(
         mode=dp.mode,
         delta=dp.delta,
@@ -233,6 +312,9 @@ def plan_privacy(dp: DPConfig, method: MethodLeaves, shape: TrainingShape) -> Pr
         client_sigma=dp.client_noise_multiplier,
         participation=shape.participation,
         aggregations_per_round=shape.steps_per_round if shape.sync == "step" else 1,
+        secure_noise_bits=shape.secure_noise_bits,
+        max_record_weight=max_record_weight,
+        shared_numel=shape.shared_numel,
     )
     if dp.mode == "reference":
         plan.nominal_epsilon = dp.target_epsilon
@@ -241,11 +323,39 @@ def plan_privacy(dp: DPConfig, method: MethodLeaves, shape: TrainingShape) -> Pr
     if dp.mode == "off":
         return plan
     if dp.target_epsilon is not None and plan.sample_level:
-        sigma_eff = _calibrate(dp, shape)
-        plan.sigma = sigma_eff * math.sqrt(2) if has_local and has_shared_global else sigma_eff
+        if plan.secure_noise_bits is not None and has_shared_global:
+            plan.sigma = _calibrate_distributed(dp, shape, plan)
+        else:
+            sigma_eff = _calibrate(dp, shape)
+            plan.sigma = sigma_eff * math.sqrt(2) if has_local and has_shared_global else sigma_eff
     if has_shared_global:
         plan.sigma_global = plan.sigma
     return plan
+
+
+def _calibrate_distributed(dp: DPConfig, shape: TrainingShape, plan: PrivacyPlan) -> float:
+    """σ (= σ_G) so that the smallest client, in every round, meets the target under the Skellam
+    accounting of distributed DP (bisection on the same charges the run records)."""
+    if math.isinf(dp.target_epsilon):
+        return 0.0
+    size = min(shape.sizes)
+
+    def eps(sigma: float) -> float:
+        trial = replace(plan, sigma=sigma, sigma_global=sigma)
+        ledger = Accountant("rdp")
+        for _ in range(shape.rounds):
+            trial.charge_round(ledger, size, shape.steps_per_round)
+        return ledger.epsilon(dp.delta)
+
+    lo, hi = 0.0, 1.0
+    while eps(hi) > dp.target_epsilon:
+        lo, hi = hi, hi * 2
+        if hi > 1e6:
+            raise PrivacyConfigError(f"dp.target_epsilon={dp.target_epsilon} is unreachable with distributed DP")
+    while hi - lo > 1e-4 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if eps(mid) <= dp.target_epsilon else (mid, hi)
+    return hi
 
 
 def _calibrate(dp: DPConfig, shape: TrainingShape) -> float:

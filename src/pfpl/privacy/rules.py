@@ -43,6 +43,19 @@ def validate_dp(dp: DPConfig, methods: list[str], federation: FederationConfig |
         raise PrivacyConfigError("dp.client_noise_multiplier > 0 needs dp.client_clip > 0")
     if federation is None:
         return
+    if federation.secure_aggregation and dp.mode == "reference":
+        raise PrivacyConfigError(
+            "dp.mode='reference' reproduces a server that reads every update and adds the noise itself; "
+            "it cannot run with federation.secure_aggregation"
+        )
+    distributed = federation.secure_aggregation and (
+        (dp.mode == "per-sample" and dp.global_dp) or dp.client_noise_multiplier > 0
+    )
+    if distributed and dp.accountant != "rdp":
+        raise PrivacyConfigError(
+            "distributed DP under secure aggregation (Skellam noise) is accounted by Rényi DP at integer orders; "
+            f"set dp.accountant='rdp' (not {dp.accountant!r})"
+        )
     if dp.client_noise_multiplier > 0 and federation.participation < 1 and federation.client_sampling != "poisson":
         raise PrivacyConfigError(
             f"client-level DP with federation.participation={federation.participation} needs "

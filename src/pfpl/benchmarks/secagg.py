@@ -1,0 +1,125 @@
+"""``pfpl bench --secagg``: the cost of one SecAgg+ protocol round (client side and server side
+separately, bytes per client) for n simulated clients and vector sizes of DP-FPL's global prompt,
+sparse and full graph, next to one FedAvg training round of the engine on n clients of the embedded
+model, timed in the same run."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from pfpl.benchmarks.flops import timed
+from pfpl.secure.graph import default_degree, neighbours
+from pfpl.secure.protocol import run_in_memory
+
+CLIENTS = (10, 100, 1000)
+VECTORS = {"embedded 16×64": 16 * 64, "ViT-B-16 16×512": 16 * 512}
+TRAINED = "embedded 16×64"  # the vector the timed training round shares
+FULL_GRAPH_MAX = 100  # the full graph costs O(n²): 1000 clients would take minutes per round on a CPU
+
+
+def protocol_round(n: int, length: int, graph: str, threshold: float = 0.6, dropout: int = 0, seed: int = 0) -> dict:
+    """Time one protocol instance over n clients with random ring vectors of ``length`` (+1 count)."""
+    degree = n - 1 if graph == "full" else default_degree(n)
+    rng = np.random.default_rng(seed)
+    vectors = {c: rng.integers(0, 2**63, length + 1, dtype=np.uint64) for c in range(n)}
+    drops = {int(c): "masked" for c in rng.choice(n, size=dropout, replace=False)} if dropout else {}
+    start = time.perf_counter()
+    t = run_in_memory(
+        vectors, math.ceil(threshold * (degree + 1)), neighbours(list(range(n)), degree, seed), drops=drops
+    )
+    wall = time.perf_counter() - start
+    client = list(t.client_seconds.values())
+    return {
+        "clients": n,
+        "length": length,
+        "graph": graph,
+        "degree": degree,
+        "wall_s": wall,
+        "client_s_mean": statistics.mean(client),
+        "client_s_max": max(client),
+        "server_s": t.server_seconds,
+        "bytes_per_client": statistics.mean(t.bytes_sent.values()),
+        "dropped": len(drops),
+    }
+
+
+def training_round(n: int, steps: int = 5, records: int = 32, seed: int = 0) -> float:
+    """Seconds of one FedAvg round of DP-FPL on n clients of the embedded model (random features of
+    ``records`` records over 4 classes each, batch 32, ``steps`` local steps)."""
+    from pfpl.algorithms import get_method
+    from pfpl.algorithms.base import MethodSettings
+    from pfpl.backbones import PromptTower, load_backbone
+    from pfpl.data.clients import ClientData
+    from pfpl.data.features import Features
+    from pfpl.federation.client import TrainSettings
+    from pfpl.federation.simulator import Simulator
+
+    backbone = load_backbone("embedded", device="cpu")
+    classes = [f"class {i}" for i in range(40)]
+    gen = torch.Generator().manual_seed(seed)
+    dim = int(backbone.model.text_projection.shape[1])
+    feats = torch.nn.functional.normalize(torch.randn(n * records, dim, generator=gen), dim=-1)
+    labels = torch.tensor([(c * 4 + k % 4) % 40 for c in range(n) for k in range(records)])
+    data = ClientData(
+        Features(feats, labels, torch.zeros_like(labels)), [np.arange(c * records, (c + 1) * records) for c in range(n)]
+    )
+    settings = TrainSettings(rounds=2, local_steps=steps, batch_size=32, sync="fedavg", seed=seed, cosine=False)
+    sim = Simulator(
+        get_method("dpfpl")(MethodSettings(rank=8)),
+        PromptTower(backbone, classes, 16),
+        data,
+        settings,
+        backbone.logit_scale,
+    )
+    sim.run_round()  # warm-up
+    return timed(sim.run_round, torch.device("cpu"))
+
+
+def run_secagg_bench(clients=CLIENTS, log: Callable[[str], None] | None = None) -> dict:
+    say = log or (lambda message: None)
+    rows, rounds = [], {}
+    for n in clients:
+        say(f"training round with {n} clients")
+        rounds[n] = training_round(n)
+        for name, length in VECTORS.items():
+            for graph in ("sparse", "full"):
+                if graph == "full" and n > FULL_GRAPH_MAX:
+                    continue
+                say(f"protocol round: {n} clients, {name}, {graph} graph")
+                row = protocol_round(n, length, graph)
+                row["vector"] = name
+                row["fedavg_round_s"] = rounds[n] if name == TRAINED else None
+                row["share_of_fedavg_round"] = row["wall_s"] / (row["wall_s"] + rounds[n]) if name == TRAINED else None
+                rows.append(row)
+    return {
+        "rows": rows,
+        "training_round_s": rounds,
+        "threads": torch.get_num_threads(),
+        "note": "one CPU simulates every client and the server; a deployment runs the clients in parallel, "
+        "so its added latency is about server_s + client_s_max (+ network)",
+    }
+
+
+def format_secagg(result: dict) -> str:
+    lines = [
+        f"{'clients':>7} {'vector':<16} {'graph':<6} {'k':>4} {'all clients s':>13} {'client max s':>12} "
+        f"{'server s':>9} {'kB/client':>9} {'FedAvg round s':>14} {'share':>6}"
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"{r['clients']:>7} {r['vector']:<16} {r['graph']:<6} {r['degree']:>4} {r['wall_s']:>13.3f} "
+            f"{r['client_s_max']:>12.4f} {r['server_s']:>9.3f} {r['bytes_per_client'] / 1e3:>9.1f} "
+            + (
+                f"{r['fedavg_round_s']:>14.3f} {r['share_of_fedavg_round']:>6.1%}"
+                if r["fedavg_round_s"] is not None
+                else f"{'—':>14} {'—':>6}"
+            )
+        )
+    lines.append(result["note"])
+    return "\n".join(lines)
