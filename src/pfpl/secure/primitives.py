@@ -1,7 +1,7 @@
 """Cryptographic primitives from maintained libraries, never hand-rolled: X25519 key agreement and
-HKDF-SHA256 (``cryptography``), ChaCha20-Poly1305 AEAD for shares in transit, a ChaCha20 keystream
-as the PRG that expands seeds into masks, and Shamir secret sharing over GF(2^128)
-(``pycryptodome``; 16-byte secrets, so a 32-byte key is shared as two halves)."""
+HKDF-SHA256 (``cryptography``), ChaCha20-Poly1305 AEAD for shares in transit, and a ChaCha20
+keystream as the PRG that expands seeds into masks. Shamir sharing lives in
+:mod:`pfpl.secure.shamir` (a prime field; its randomness is the OS CSPRNG)."""
 
 from __future__ import annotations
 
