@@ -128,9 +128,24 @@ class RunFolder:
         write_json(self.file("summary.json"), summary)
         buf = io.StringIO()
         writer = csv.writer(buf)
-        writer.writerow(["method", "local", "local_std", "neighbor", "neighbor_std"])
-        for name, m in [("zero_shot", summary["zero_shot"])] + list(summary["methods"].items()):
-            writer.writerow([name] + [f"{m[k]:.4f}" for k in ("local", "local_std", "neighbor", "neighbor_std")])
+        rows = [("zero_shot", summary["zero_shot"])] + list(summary["methods"].items())
+        keys = [
+            k
+            for k in (
+                "local",
+                "local_std",
+                "neighbor",
+                "neighbor_std",
+                "neighbor_same_domain",
+                "neighbor_same_domain_std",
+                "cross_domain",
+                "cross_domain_std",
+            )
+            if k in rows[0][1]
+        ]
+        writer.writerow(["method", *keys])
+        for name, m in rows:
+            writer.writerow([name] + ["" if m.get(k) is None else f"{m[k]:.4f}" for k in keys])
         atomic_write_text(self.file("summary.csv"), buf.getvalue())
 
     def read_summary(self) -> dict:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pfpl.algorithms import METHOD_NAMES
+from pfpl.algorithms import DEFAULT_METHODS, METHOD_NAMES
 from pfpl.errors import ConfigError
 
 __all__ = ["METHOD_NAMES", "Config", "ConfigError", "build_config", "load_config"]
@@ -81,7 +81,7 @@ class FederationConfig(Section):
 
 
 class TrainConfig(Section):
-    methods: list[MethodName] = Field(default_factory=lambda: list(METHOD_NAMES), min_length=1)
+    methods: list[MethodName] = Field(default_factory=lambda: list(DEFAULT_METHODS), min_length=1)
     lr: float = Field(0.02, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
@@ -115,6 +115,27 @@ class DPConfig(Section):
     client_noise_multiplier: float = Field(0.0, ge=0)
 
 
+class SecFPPConfig(Section):
+    recluster_every: int = Field(5, ge=1, description="rounds between two secure clusterings (after round 1)")
+    class_rank: int = Field(
+        1, ge=0, description="rank of the class-level prompts (0 = full rank: they overfit to the client's classes)"
+    )
+    cluster_on: Literal["images", "prompts"] = Field(
+        "images", description="what SecPC clusters: each client's mean image feature, or its personalized prompt"
+    )
+    projection_dim: int = Field(64, ge=2, le=256, description="dimension of the public random projection")
+    frac_bits: int = Field(8, ge=1, le=12, description="fixed-point bits of the projected vectors")
+    lcc_slices: int = Field(2, ge=1, le=8, description="K: column slices of the Lagrange code")
+    lcc_privacy: int = Field(1, ge=1, le=8, description="T: colluding clients that learn nothing")
+    initial_clusters: int = Field(2, ge=1, description="clusters the adaptive k-means starts from")
+    restarts: int = Field(4, ge=1, le=32, description="adaptive k-means runs from public random starts")
+    split_threshold: float = Field(
+        0.4, gt=0, le=4, description="split a cluster whose mean squared distance (unit-norm vectors) exceeds this"
+    )
+    merge_threshold: float = Field(0.2, ge=0, le=4, description="merge centres closer (squared) than this")
+    max_iterations: int = Field(40, ge=1)
+
+
 class SecureConfig(Section):
     ring_bits: int = Field(64, ge=16, le=64, description="masked vectors live in Z_2^ring_bits")
     frac_bits: int = Field(24, ge=0, le=48, description="fixed-point scale 2^frac_bits (no distributed DP)")
@@ -135,6 +156,7 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     dp: DPConfig = DPConfig()
     secure: SecureConfig = SecureConfig()
+    secfpp: SecFPPConfig = SecFPPConfig()
 
 
 def _parse_value(raw: str) -> Any:

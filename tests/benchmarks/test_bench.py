@@ -212,3 +212,14 @@ def test_secagg_bench_reports_each_role_and_a_share_of_the_round(capsys):
     trained = [r for r in rows if r["share_of_fedavg_round"] is not None]
     assert trained and all(0 < r["share_of_fedavg_round"] < 1 for r in trained)
     assert "server s" in format_secagg(result)
+
+
+def test_secpc_bench_reports_each_role_and_a_ratio_to_the_round():
+    from pfpl.benchmarks.secpc import format_secpc, run_secpc_bench
+
+    result = run_secpc_bench(clients=(10,))
+    (row,) = result["rows"]
+    assert row["clusters"] == 5 and row["ari"] == 1.0  # the planted groups are found
+    assert row["client_s"] > 0 and row["server_s"] > 0 and row["lcc_rounds"] >= 2 and row["bytes_per_client"] > 0
+    assert row["ratio_to_round"] == pytest.approx(row["wall_s"] / row["fedavg_round_s"])
+    assert "LCC rounds" in format_secpc(result)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from pfpl.algorithms.base import Method
 
-#: method name -> "module:class" (the order is the order of the default run's table)
+#: method name -> "module:class" (the order is the order of the tables)
 REGISTRY: dict[str, str] = {
     "coop": "coop:CoOp",
     "promptfl": "promptfl:PromptFL",
@@ -17,8 +17,14 @@ REGISTRY: dict[str, str] = {
     "fedpgp": "fedpgp:FedPGP",
     "dplora": "dpfpl:DPLoRA",
     "dpfpl": "dpfpl:DPFPL",
+    "secfpp": "secfpp:SecFPP",
+    "secfpp-plain": "secfpp:SecFPPPlain",
+    "secfpp-global": "secfpp:SecFPPGlobal",
 }
 METHOD_NAMES: tuple[str, ...] = tuple(REGISTRY)
+#: ablations are run by name, not by default
+ABLATIONS: tuple[str, ...] = ("secfpp-plain", "secfpp-global")
+DEFAULT_METHODS: tuple[str, ...] = tuple(m for m in METHOD_NAMES if m not in ABLATIONS)
 
 
 def get_method(name: str) -> type[Method]:

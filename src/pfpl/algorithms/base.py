@@ -37,11 +37,13 @@ class Scope(str, Enum):
 
 @dataclass(frozen=True)
 class Param:
-    """A persistent parameter: its name, where it lives, and whether local DP noises it."""
+    """A persistent parameter: its name, where it lives, whether local DP noises it, and whether it
+    trains at all (a fixed per-client buffer, e.g. which classes the client holds, does not)."""
 
     name: str
     scope: Scope
     private: bool = False
+    trainable: bool = True
 
 
 @dataclass
@@ -59,6 +61,7 @@ class MethodSettings:
     init_std: float = 0.02
     fedpgp_mu: float = 1.0
     fedpgp_temperature: float = 0.5
+    extra: dict = field(default_factory=dict)  # method-specific settings (e.g. SecFPP's clustering)
 
 
 class Method(ABC):
@@ -78,7 +81,13 @@ class Method(ABC):
 
     @property
     def local_params(self) -> tuple[str, ...]:
+        """Every per-client parameter (stored, gathered and checkpointed with the client's state)."""
         return tuple(p.name for p in self.params if p.scope is Scope.LOCAL)
+
+    @property
+    def trainable_local(self) -> tuple[str, ...]:
+        """The per-client parameters the client's optimizer steps."""
+        return tuple(p.name for p in self.params if p.scope is Scope.LOCAL and p.trainable)
 
     @property
     def shares(self) -> bool:
@@ -89,7 +98,8 @@ class Method(ABC):
         """The differentiable leaves of :meth:`views`: every parameter not rebuilt from other leaves,
         and the leaves of ``leaf_params``."""
         rebuilt = set(self.leaf_params.values())
-        return tuple(p.name for p in self.params if p.name not in rebuilt) + tuple(self.leaf_params)
+        own = tuple(p.name for p in self.params if p.name not in rebuilt and p.trainable)
+        return own + tuple(self.leaf_params)
 
     def param_of(self, leaf: str) -> str:
         return self.leaf_params.get(leaf, leaf)
@@ -104,8 +114,11 @@ class Method(ABC):
         """Initial value of every shared parameter (one copy; the server replicates it per group)."""
 
     @abstractmethod
-    def init_local(self, n_ctx: int, dim: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        """Initial value of one client's local parameters, from that client's own stream."""
+    def init_local(
+        self, n_ctx: int, dim: int, gen: torch.Generator, held: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Initial value of one client's local parameters, from that client's own stream; ``held``
+        (bool ``[C]``) says which classes the client's data holds."""
 
     @abstractmethod
     def views(self, params: dict[str, torch.Tensor], gens: Sequence[torch.Generator]) -> Views:
@@ -126,6 +139,11 @@ class Method(ABC):
     ) -> torch.Tensor | None:
         """A data-independent regulariser added to the loss (FedPGP's contrastive term)."""
         return None
+
+    def server_phases(self) -> list:
+        """Work the server does between rounds (SecFPP's clustering); see
+        :class:`pfpl.federation.simulator.ServerPhase`."""
+        return []
 
 
 def normal(shape: tuple[int, ...], std: float, gen: torch.Generator) -> torch.Tensor:

@@ -12,7 +12,7 @@ class CoOp(Method):
     def init_shared(self, n_ctx, dim, gen):
         return {}
 
-    def init_local(self, n_ctx, dim, gen):
+    def init_local(self, n_ctx, dim, gen, held=None):
         return {"local": normal((n_ctx, dim), self.settings.init_std, gen)}
 
     def views(self, params, gens):

@@ -21,7 +21,7 @@ class DPFPL(Method):
     def init_shared(self, n_ctx, dim, gen):
         return {"global": normal((n_ctx, dim), self.settings.init_std, gen)}
 
-    def init_local(self, n_ctx, dim, gen):
+    def init_local(self, n_ctx, dim, gen, held=None):
         return {"local": normal((n_ctx, dim), self.settings.init_std, gen)}
 
     def views(self, params, gens):

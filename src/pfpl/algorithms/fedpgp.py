@@ -21,7 +21,7 @@ class FedPGP(Method):
     def init_shared(self, n_ctx, dim, gen):
         return {"global": normal((n_ctx, dim), self.settings.init_std, gen)}
 
-    def init_local(self, n_ctx, dim, gen):
+    def init_local(self, n_ctx, dim, gen, held=None):
         r, s = self.settings.rank, self.settings.init_std
         return {"U": normal((n_ctx, r), s, gen), "V": normal((r, dim), s, gen)}
 

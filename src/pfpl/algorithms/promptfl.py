@@ -13,7 +13,7 @@ class PromptFL(Method):
     def init_shared(self, n_ctx, dim, gen):
         return {"global": normal((n_ctx, dim), self.settings.init_std, gen)}
 
-    def init_local(self, n_ctx, dim, gen):
+    def init_local(self, n_ctx, dim, gen, held=None):
         return {}
 
     def views(self, params, gens):

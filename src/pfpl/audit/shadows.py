@@ -60,7 +60,7 @@ class PersonalCopy(Method):
     def init_shared(self, n_ctx, dim, gen):
         return {}
 
-    def init_local(self, n_ctx, dim, gen):
+    def init_local(self, n_ctx, dim, gen, held=None):
         return {k: v.detach().clone() for k, v in self.released.items()}
 
     def views(self, params, gens):

@@ -49,9 +49,9 @@ def protocol_round(n: int, length: int, graph: str, threshold: float = 0.6, drop
     }
 
 
-def training_round(n: int, steps: int = 5, records: int = 32, seed: int = 0) -> float:
-    """Seconds of one FedAvg round of DP-FPL on n clients of the embedded model (random features of
-    ``records`` records over 4 classes each, batch 32, ``steps`` local steps)."""
+def training_round(n: int, steps: int = 5, records: int = 32, seed: int = 0, method: str = "dpfpl") -> float:
+    """Seconds of one FedAvg round of ``method`` (DP-FPL by default) on n clients of the embedded model
+    (random features of ``records`` records over 4 classes each, batch 32, ``steps`` local steps)."""
     from pfpl.algorithms import get_method
     from pfpl.algorithms.base import MethodSettings
     from pfpl.backbones import PromptTower, load_backbone
@@ -71,7 +71,7 @@ def training_round(n: int, steps: int = 5, records: int = 32, seed: int = 0) -> 
     )
     settings = TrainSettings(rounds=2, local_steps=steps, batch_size=32, sync="fedavg", seed=seed, cosine=False)
     sim = Simulator(
-        get_method("dpfpl")(MethodSettings(rank=8)),
+        get_method(method)(MethodSettings(rank=8)),
         PromptTower(backbone, classes, 16),
         data,
         settings,

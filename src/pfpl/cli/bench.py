@@ -78,6 +78,9 @@ def add_parser(sub) -> None:
         action="store_true",
         help="time one secure-aggregation protocol round (10, 100, 1000 clients) against a training round",
     )
+    p.add_argument(
+        "--secpc", action="store_true", help="time one SecPC secure clustering (10, 100, 1000 clients) against a round"
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=command)
 
@@ -104,6 +107,12 @@ def command(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     validate(cfg)
     log = (lambda message: print(f"[bench] {message}", file=sys.stderr, flush=True)) if sys.stderr.isatty() else None
+    if args.secpc:
+        from pfpl.benchmarks.secpc import format_secpc, run_secpc_bench
+
+        result = run_secpc_bench(log=log)
+        print(json.dumps(result) if args.json else format_secpc(result))
+        return 0
     if args.secagg:
         from pfpl.benchmarks.secagg import format_secagg, run_secagg_bench
 

@@ -64,19 +64,25 @@ def print_table(summary: dict) -> None:
         title=f"{setup['backbone']} on {setup['dataset']}: {setup['n_clients']} clients, "
         f"{setup['partition']} split, {setup['rounds']} rounds (mean ± std over clients)"
     )
-    table.add_column("method")
-    table.add_column("local", justify="right")
-    table.add_column("neighbor", justify="right")
-    table.add_column("ε (δ)", justify="right")
     rows = [("zero-shot", summary["zero_shot"])] + list(summary["methods"].items())
+    columns = [k for k in ("local", "neighbor", "neighbor_same_domain", "cross_domain") if k in rows[0][1]]
+    table.add_column("method")
+    for key in columns:
+        table.add_column(key.replace("_", " "), justify="right")
+    table.add_column("ε (δ)", justify="right")
+    if any("ari" in m for _, m in rows):
+        table.add_column("ARI", justify="right")
+
+    def cell(m: dict, key: str) -> str:
+        return "—" if m.get(key) is None else f"{m[key]:.2%} ± {m[f'{key}_std']:.2%}"
+
     for name, m in rows:
         privacy = m.get("privacy", {})
         eps = m.get("epsilon")
         eps_text = "—" if name == "zero-shot" else "∞" if eps is None else f"{eps:.2f} ({privacy.get('delta'):g})"
         if privacy.get("nominal"):
             eps_text += " nominal"
-        table.add_row(
-            name, f"{m['local']:.2%} ± {m['local_std']:.2%}", f"{m['neighbor']:.2%} ± {m['neighbor_std']:.2%}", eps_text
-        )
+        extra = [f"{m['ari']:.2f}" if m.get("ari") is not None else "—"] if any("ari" in x for _, x in rows) else []
+        table.add_row(name, *[cell(m, k) for k in columns], eps_text, *extra)
     Console().print(table)
     print(f"run folder: {summary['run_dir']}")

@@ -94,6 +94,13 @@ class ClientData:
     def sizes(self) -> list[int]:
         return [len(ix) for ix in self.clients]
 
+    def held_classes(self, n_classes: int) -> torch.Tensor:
+        """``[N, C]`` booleans: which classes each client's records hold (the client's own knowledge)."""
+        out = torch.zeros(self.n_clients, n_classes, dtype=torch.bool)
+        for c, ix in enumerate(self.clients):
+            out[c, self.labels[ix.to(self.device)].cpu()] = True
+        return out
+
     def load(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features ``[n, E]`` and labels ``[n]`` of records ``index`` (rows of the table)."""
         index = index.to(self.device)

@@ -3,7 +3,10 @@
 *local*: a client's prompt on test data drawn like its own training data (for a pathological split:
 all test images of its classes). *neighbor*: the same prompt on the test images of the classes the
 other clients hold and it does not, i.e. how much generalisation to unseen classes it keeps.
-Both are reported as mean and standard deviation over clients.
+Where clients see only some domains (styles), two more: *neighbor_same_domain* — the other clients'
+classes in the client's own domains — and *cross_domain* — the client's own classes in the domains
+it never saw. All are reported as mean and standard deviation over clients (``None`` when no client
+has such test images).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ class EvalPlan:
 
     local: list[tuple[torch.Tensor, torch.Tensor]]
     neighbor: list[torch.Tensor]
+    neighbor_same_domain: list[torch.Tensor] | None = None
+    cross_domain: list[torch.Tensor] | None = None
 
     @classmethod
     def build(cls, partition: Partition, train: Features, test: Features) -> EvalPlan:
@@ -33,11 +38,24 @@ class EvalPlan:
             for ix, w in client_test_sets(partition, tr_l, tr_d, te_l, te_d)
         ]
         classes = [set(c.tolist()) for c in partition.client_classes(tr_l)]
-        neighbor = []
+        domains = [set(d.tolist()) for d in partition.client_domains(tr_d)]
+        all_domains = set(np.unique(te_d).tolist())
+        neighbor, same, cross = [], [], []
         for i, own in enumerate(classes):
-            others = set().union(*(c for j, c in enumerate(classes) if j != i)) - own
-            neighbor.append(torch.as_tensor(np.flatnonzero(np.isin(te_l, sorted(others)))))
-        return cls(local, neighbor)
+            others = sorted(set().union(*(c for j, c in enumerate(classes) if j != i)) - own)
+            seen = sorted(domains[i])
+            neighbor.append(torch.as_tensor(np.flatnonzero(np.isin(te_l, others))))
+            same.append(torch.as_tensor(np.flatnonzero(np.isin(te_l, others) & np.isin(te_d, seen))))
+            unseen = sorted(all_domains - domains[i])
+            cross.append(torch.as_tensor(np.flatnonzero(np.isin(te_l, sorted(own)) & np.isin(te_d, unseen))))
+        skewed = any(domains[i] != all_domains for i in range(len(domains)))
+        return cls(local, neighbor, same if skewed else None, cross if skewed else None)
+
+
+def _accuracy(test: Features, text: torch.Tensor, index: torch.Tensor) -> float:
+    if len(index) == 0:
+        return float("nan")
+    return float(((test.features[index] @ text.t()).argmax(-1) == test.labels[index]).float().mean())
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -47,32 +65,36 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std())
 
 
+def _none_if_nan(x: float) -> float | None:
+    return None if np.isnan(x) else x
+
+
 @torch.no_grad()
 def evaluate_clients(text_features: torch.Tensor, test: Features, plan: EvalPlan) -> dict:
-    """Local and neighbor accuracy per client for class text features ``[N, C, E]`` (or ``[C, E]``
-    shared by all clients)."""
+    """Accuracies per client, and their mean and std, for class text features ``[N, C, E]`` (or
+    ``[C, E]`` shared by all clients)."""
     n = len(plan.local)
     device = test.features.device
     text_features = text_features.to(device)
     if text_features.dim() == 2:
         text_features = text_features.expand(n, *text_features.shape)
-    local, neighbor = [], []
+    local = []
     for i in range(n):
         idx, w = plan.local[i][0].to(device), plan.local[i][1].to(device)
         pred = (test.features[idx] @ text_features[i].t()).argmax(-1)
         local.append(float(((pred == test.labels[idx]).float() * w).sum() / w.sum()))
-        nidx = plan.neighbor[i].to(device)
-        if len(nidx):
-            npred = (test.features[nidx] @ text_features[i].t()).argmax(-1)
-            neighbor.append(float((npred == test.labels[nidx]).float().mean()))
-        else:
-            neighbor.append(float("nan"))
-    lm, ls = _mean_std(local)
-    nm, ns = _mean_std(neighbor)
-    return {
-        "local": lm,
-        "local_std": ls,
-        "neighbor": nm,
-        "neighbor_std": ns,
-        "per_client": {"local": local, "neighbor": neighbor},
+    per_client = {"local": local}
+    sets = {
+        "neighbor": plan.neighbor,
+        "neighbor_same_domain": plan.neighbor_same_domain,
+        "cross_domain": plan.cross_domain,
     }
+    for key, index in sets.items():
+        if index is not None:
+            per_client[key] = [_accuracy(test, text_features[i], index[i].to(device)) for i in range(n)]
+    out: dict = {}
+    for key, values in per_client.items():
+        mean, std = _mean_std(values)
+        out[key], out[f"{key}_std"] = _none_if_nan(mean), _none_if_nan(std)
+    out["per_client"] = {k: [_none_if_nan(v) for v in vals] for k, vals in per_client.items()}
+    return out

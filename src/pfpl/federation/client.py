@@ -153,7 +153,7 @@ class ClientUpdate:
             )
             losses.append(loss)
             with torch.no_grad():
-                for name in self.method.local_params:
+                for name in self.method.trainable_local:
                     self._sgd(state.params, state.momentum, name, name, grads[name], lr)
                 if fedavg and s.train_shared:
                     for name in copies:

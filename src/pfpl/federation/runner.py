@@ -17,6 +17,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pfpl.algorithms import get_method
@@ -62,9 +63,32 @@ def train_settings(cfg: Config) -> TrainSettings:
 
 
 def method_settings(cfg: Config) -> MethodSettings:
-    t = cfg.train
+    t, s = cfg.train, cfg.secfpp
+    from pfpl.secure.secpc import SecPCSettings
+
+    secpc = SecPCSettings(
+        projection_dim=s.projection_dim,
+        frac_bits=s.frac_bits,
+        slices=s.lcc_slices,
+        privacy=s.lcc_privacy,
+        initial_clusters=s.initial_clusters,
+        split_threshold=s.split_threshold,
+        merge_threshold=s.merge_threshold,
+        max_iterations=s.max_iterations,
+        restarts=s.restarts,
+        seed=cfg.seed,
+    )
     return MethodSettings(
-        rank=t.rank, init_std=cfg.prompt.init_std, fedpgp_mu=t.fedpgp_mu, fedpgp_temperature=t.fedpgp_temperature
+        rank=t.rank,
+        init_std=cfg.prompt.init_std,
+        fedpgp_mu=t.fedpgp_mu,
+        fedpgp_temperature=t.fedpgp_temperature,
+        extra={
+            "class_rank": s.class_rank,
+            "recluster_every": s.recluster_every,
+            "cluster_on": s.cluster_on,
+            "secpc": secpc,
+        },
     )
 
 
@@ -146,6 +170,7 @@ def build_engine(
         mechanism=plan.gradient_mechanism(),
         aggregator=build_aggregator(cfg, plan),
         charges=plan,
+        phases=method.server_phases(),
     )
     return sim, plan
 
@@ -204,8 +229,29 @@ def _finite(value: float) -> float | None:
     return None if math.isinf(value) else float(value)
 
 
+HEADLINE = ("local", "neighbor", "neighbor_same_domain", "cross_domain")
+
+
 def _headline(result: dict) -> dict:
-    return {k: result[k] for k in ("local", "local_std", "neighbor", "neighbor_std")}
+    """The mean ± std of every accuracy the evaluation plan has."""
+    return {k: result[k] for key in HEADLINE for k in (key, f"{key}_std") if k in result}
+
+
+def grouping(sim: Simulator, bench: Benchmark) -> dict:
+    """For a method whose server regroups clients: the adjusted Rand index of its final groups
+    against the clients' true domains (majority domain of their records), and the clustering log."""
+    logs = [entry for phase in sim.phases for entry in getattr(phase, "log", [])]
+    if not sim.phases:
+        return {}
+    from pfpl.secure.secpc import adjusted_rand_index
+
+    domains = bench.train.domains.numpy()
+    truth = [int(np.bincount(domains[ix]).argmax()) for ix in bench.partition.clients]
+    return {
+        "ari": adjusted_rand_index(sim.server.groups.cpu().numpy(), np.asarray(truth)),
+        "groups": int(sim.server.n_groups),
+        "clustering": logs,
+    }
 
 
 def new_run_dir(cfg: Config) -> Path:
@@ -313,6 +359,7 @@ def run(
                     **_headline(result),
                     **record,
                     "privacy": plan.describe(),
+                    **grouping(sim, bench),
                     "per_client": result["per_client"],
                 }
                 state["current"] = None

@@ -75,8 +75,9 @@ class Simulator:
         self.server = Server(
             method, settings, self.n_clients, {k: v.to(self.device) for k, v in shared.items()}, aggregator
         )
+        held = data.held_classes(tower.num_classes)
         rows = [
-            method.init_local(n_ctx, dim, stream(settings.seed, Purpose.INIT_LOCAL, client=c))
+            method.init_local(n_ctx, dim, stream(settings.seed, Purpose.INIT_LOCAL, client=c), held[c])
             for c in range(self.n_clients)
         ]
         self.local = {k: torch.stack([r[k] for r in rows]).to(self.device) for k in method.local_params}
@@ -106,6 +107,7 @@ class Simulator:
             "participations": self.participations.clone(),
             "ledgers": [x.state_dict() for x in self.ledgers],
             "client_level": self.client_level.state_dict(),
+            "phases": [list(getattr(p, "log", [])) for p in self.phases],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -115,6 +117,9 @@ class Simulator:
         self.participations = state["participations"].clone()
         self.ledgers = [Accountant.from_state(x) for x in state["ledgers"]]
         self.client_level = Accountant.from_state(state["client_level"])
+        for phase, log in zip(self.phases, state.get("phases", [])):
+            if hasattr(phase, "log"):
+                phase.log[:] = log
 
     # ---- one round ---------------------------------------------------------------------------
     def _gather(self, active: torch.Tensor) -> ClientState:

@@ -4,13 +4,12 @@ config in a fraction of a second."""
 
 from __future__ import annotations
 
-from pfpl.algorithms import METHOD_NAMES
 from pfpl.config import DPConfig, FederationConfig
 from pfpl.errors import PrivacyConfigError
 
 DP_MODES = ("off", "feature", "per-sample", "reference")
-# the published code has no DP CoOp baseline, so ``reference`` has no counterpart to reproduce for it
-REFERENCE_METHODS = tuple(m for m in METHOD_NAMES if m != "coop")
+#: the methods of the published DP-FPL code, which ``reference`` mode reproduces (it has no DP CoOp)
+REFERENCE_METHODS = ("promptfl", "fedotp", "fedpgp", "dplora", "dpfpl")
 
 
 def validate_dp(dp: DPConfig, methods: list[str], federation: FederationConfig | None = None) -> None:
