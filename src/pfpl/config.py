@@ -12,7 +12,7 @@ from typing import Any, Literal
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pfpl.algorithms import DEFAULT_METHODS, METHOD_NAMES
+from pfpl.algorithms import AUXILIARY_METHODS, DEFAULT_METHODS, METHOD_NAMES
 from pfpl.errors import ConfigError
 
 __all__ = ["METHOD_NAMES", "Config", "ConfigError", "build_config", "load_config"]
@@ -136,6 +136,24 @@ class SecFPPConfig(Section):
     max_iterations: int = Field(40, ge=1)
 
 
+class FedSPConfig(Section):
+    auxiliary: Literal["shared", "truncate"] = Field(
+        "shared", description="shared: the first `layers` blocks repeated to full depth; truncate: only them"
+    )
+    layers: int = Field(1, ge=1, description="transformer blocks the auxiliary model keeps (L_c)")
+    server_data: Literal["val", "shard"] = Field(
+        "val", description="the server's own data: the public val split, or a shard cut from the training split"
+    )
+    server_fraction: float = Field(0.1, gt=0, lt=1, description="server_data = shard: its share of each class")
+    distill_steps: int = Field(300, ge=0, description="AdamW steps distilling the auxiliary model")
+    distill_lr: float = Field(1e-3, gt=0)
+    server_steps: int = Field(5, ge=0, description="steps the server fine-tunes the averaged prompt each round")
+    server_lr: float = Field(0.02, gt=0)
+    upload: Literal["prompt", "reference"] = Field(
+        "prompt", description="prompt: clients send their prompt only; reference: also their body (leaks more)"
+    )
+
+
 class SecureConfig(Section):
     ring_bits: int = Field(64, ge=16, le=64, description="masked vectors live in Z_2^ring_bits")
     frac_bits: int = Field(24, ge=0, le=48, description="fixed-point scale 2^frac_bits (no distributed DP)")
@@ -157,6 +175,7 @@ class Config(Section):
     dp: DPConfig = DPConfig()
     secure: SecureConfig = SecureConfig()
     secfpp: SecFPPConfig = SecFPPConfig()
+    fedsp: FedSPConfig = FedSPConfig()
 
 
 def _parse_value(raw: str) -> Any:
@@ -215,6 +234,12 @@ def build_config(data: dict[str, Any], overrides: list[str] | None = None, model
 
 def _check_together(cfg: Config) -> None:
     """Values that are valid alone but not together."""
+    auxiliary = [m for m in cfg.train.methods if m in AUXILIARY_METHODS]
+    if auxiliary and cfg.federation.sync != "fedavg":
+        raise ConfigError(
+            f"config error: {auxiliary[0]} trains two stages per round and sends its prompt once: it needs "
+            f"federation.sync = 'fedavg' (not {cfg.federation.sync!r})"
+        )
     if cfg.train.rank > cfg.prompt.n_ctx:
         raise ConfigError(
             f"config error: train.rank = {cfg.train.rank} must be at most prompt.n_ctx = {cfg.prompt.n_ctx} "

@@ -9,7 +9,7 @@ strategies wrap a strategy).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -29,15 +29,20 @@ class Upload:
     values: dict[str, torch.Tensor]
     sizes: torch.Tensor  # [B]
     loss: torch.Tensor  # [B]
+    # anything else a method chooses to send (FedSP's explicitly named ``reference`` upload of its body);
+    # the server averages it for itself and never sends it back
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @staticmethod
     def concat(parts: list[Upload]) -> Upload:
         names = list(parts[0].values)
+        extras = list(parts[0].extras)
         return Upload(
             torch.cat([p.clients for p in parts]),
             {n: torch.cat([p.values[n] for p in parts]) for n in names},
             torch.cat([p.sizes for p in parts]),
             torch.cat([p.loss for p in parts]),
+            {n: torch.cat([p.extras[n] for p in parts]) for n in extras},
         )
 
 

@@ -20,11 +20,17 @@ REGISTRY: dict[str, str] = {
     "secfpp": "secfpp:SecFPP",
     "secfpp-plain": "secfpp:SecFPPPlain",
     "secfpp-global": "secfpp:SecFPPGlobal",
+    "fedsp": "fedsp:FedSP",
+    "fedsp-nokd": "fedsp:FedSPNoKD",
+    "fedsp-noalign": "fedsp:FedSPNoAlign",
 }
 METHOD_NAMES: tuple[str, ...] = tuple(REGISTRY)
 #: ablations are run by name, not by default
-ABLATIONS: tuple[str, ...] = ("secfpp-plain", "secfpp-global")
-DEFAULT_METHODS: tuple[str, ...] = tuple(m for m in METHOD_NAMES if m not in ABLATIONS)
+ABLATIONS: tuple[str, ...] = ("secfpp-plain", "secfpp-global", "fedsp-nokd", "fedsp-noalign")
+#: methods that train on an auxiliary model the server distils (FedSP): they need FedAvg sync
+AUXILIARY_METHODS: tuple[str, ...] = ("fedsp", "fedsp-nokd", "fedsp-noalign")
+# FedSP needs FedAvg sync and its own benchmark (configs/fedsp.toml): it is run by name, not by default
+DEFAULT_METHODS: tuple[str, ...] = tuple(m for m in METHOD_NAMES if m not in ABLATIONS + AUXILIARY_METHODS)
 
 
 def get_method(name: str) -> type[Method]:

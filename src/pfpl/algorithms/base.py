@@ -46,6 +46,14 @@ class Param:
     trainable: bool = True
 
 
+@dataclass(frozen=True)
+class Stage:
+    """A part of a client's local round: which persistent parameters train in it (None: all)."""
+
+    name: str
+    trainable: tuple[str, ...] | None = None
+
+
 @dataclass
 class Views:
     """One step's differentiable view of the participating clients' prompts."""
@@ -139,6 +147,27 @@ class Method(ABC):
     ) -> torch.Tensor | None:
         """A data-independent regulariser added to the loss (FedPGP's contrastive term)."""
         return None
+
+    def stages(self) -> tuple[Stage, ...]:
+        """The stages of a local round, each on its own share of the round's batches (default: one)."""
+        return (Stage("all"),)
+
+    def text_features(self, tower: PromptTower, views: Views) -> torch.Tensor:
+        """``[B, C, E]`` class text features of the views' contexts (FedSP runs each client's own text body)."""
+        ctx = views.ctx if views.ctx.dim() == 4 else views.ctx[:, None]
+        return tower(ctx)
+
+    def release_features(
+        self, tower: PromptTower, params: dict[str, torch.Tensor], gens: Sequence[torch.Generator]
+    ) -> torch.Tensor:
+        """``[N, C, E]``: the class text features every client's released prompt gives (FedSP's is the
+        server's full model with the shared prompt)."""
+        ctx = self.context(params, gens)
+        return tower(ctx if ctx.dim() == 4 else ctx[:, None])
+
+    def upload_extras(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What else a client sends besides its shared parameters (nothing, unless a method says so)."""
+        return {}
 
     def server_phases(self) -> list:
         """Work the server does between rounds (SecFPP's clustering); see

@@ -43,6 +43,10 @@ class VisionDataset(ABC):
     @abstractmethod
     def split(self, name: str) -> SplitData: ...
 
+    def captions(self, name: str) -> list[str] | None:
+        """A caption per image of split ``name``, where the dataset has them (else None)."""
+        return None
+
     def _check_split(self, name: str) -> None:
         if name not in SPLITS:
             raise DatasetError(f"unknown split {name!r}; splits are {', '.join(SPLITS)}")

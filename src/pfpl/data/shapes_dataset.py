@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from pfpl.data import shapes
-from pfpl.data.base import SplitData, VisionDataset
+from pfpl.data.base import SPLITS, SplitData, VisionDataset
 
 
 class ShapesDataset(VisionDataset):
@@ -46,3 +46,15 @@ class ShapesDataset(VisionDataset):
             return Image.fromarray(self._cache[name][i], "RGB")
 
         return SplitData(labels=labels, domains=domains, load=load)
+
+    def captions(self, name: str) -> list[str]:
+        """The world's captions of split ``name`` (the captions' own colour words)."""
+        self._check_split(name)
+        labels, domains = shapes.sample_layout(self.per_class_domain[name])
+        out = []
+        for i, (y, d) in enumerate(zip(labels.tolist(), domains.tolist())):
+            colour, shape = list(shapes.COLOURS)[y // len(shapes.SHAPES)], shapes.SHAPES[y % len(shapes.SHAPES)]
+            rng = np.random.default_rng(np.random.SeedSequence([self.spec.seed, 98, SPLITS.index(name), i]))
+            background = shapes.background_item(self.spec, name, i, y, d)
+            out.append(shapes.caption(shape, colour, shapes.STYLES[d], rng, background=background))
+        return out

@@ -122,8 +122,7 @@ class ClientUpdate:
         """Gradients of the persistent parameters and the per-client loss for one batch."""
         seed = self.s.seed
         views = self.method.views(params, client_streams(seed, Purpose.FACTORIZATION, clients, round_index, step))
-        ctx = views.ctx if views.ctx.dim() == 4 else views.ctx[:, None]
-        text = self.tower(ctx)
+        text = self.method.text_features(self.tower, views)
         extra = self.method.extra_loss(views, text, self.tower, self.reference)
         noise = client_streams(seed, Purpose.SAMPLE_NOISE, clients, round_index, step)
         leaf_grads, loss = self.mechanism(StepLoss(views.leaves, text, batch, self.scale, extra), normaliser, noise)
@@ -139,7 +138,9 @@ class ClientUpdate:
         first_step: int = 0,
     ) -> Upload:
         """``shared``: the shared parameters each client received ``[B, ...]``; ``state`` is updated in
-        place; ``batches``: one per local step (one in ``step`` sync, where each step is an exchange)."""
+        place; ``batches``: one per local step and stage (one in ``step`` sync, where each step is an
+        exchange). A method with several stages (FedSP) trains a different part in each, on its own
+        share of the batches."""
         s = self.s
         lr = s.lr_at(round_index)
         fedavg = s.sync == "fedavg"
@@ -147,23 +148,30 @@ class ClientUpdate:
         copies = {n: v.clone() for n, v in shared.items()}
         grads: dict[str, torch.Tensor] = {}
         losses = []
+        stages = self.method.stages()
+        per_stage = max(1, len(batches) // len(stages))
         for k, batch in enumerate(batches):
+            trains = stages[min(k // per_stage, len(stages) - 1)].trainable
             grads, loss = self.gradients(
                 {**copies, **state.params}, state.clients, batch, normaliser, round_index, first_step + k
             )
             losses.append(loss)
             with torch.no_grad():
                 for name in self.method.trainable_local:
-                    self._sgd(state.params, state.momentum, name, name, grads[name], lr)
+                    if trains is None or name in trains:
+                        self._sgd(state.params, state.momentum, name, name, grads[name], lr)
                 if fedavg and s.train_shared:
                     for name in copies:
-                        self._sgd(copies, state.momentum, name, copy_name(name), grads[name], lr)
+                        if trains is None or name in trains:
+                            self._sgd(copies, state.momentum, name, copy_name(name), grads[name], lr)
         with torch.no_grad():
             if fedavg:
                 values = {n: copies[n] - shared[n] for n in shared}
             else:
                 values = {n: grads[n].detach() for n in shared}
-        return Upload(state.clients, values, sizes, torch.stack(losses).mean(0) if losses else sizes * 0)
+        extras = self.method.upload_extras(state.params)
+        loss = torch.stack(losses).mean(0) if losses else sizes * 0
+        return Upload(state.clients, values, sizes, loss, extras)
 
     def _sgd(self, params, momentum, name, buf_name, grad, lr) -> None:
         if buf_name not in momentum:

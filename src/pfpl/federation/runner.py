@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pfpl.algorithms import get_method
+from pfpl.algorithms import AUXILIARY_METHODS, get_method
 from pfpl.algorithms.base import Method, MethodSettings
 from pfpl.artifacts import ReleasedPrompts, RunFolder, check_run_folder, clear_folder, plot_accuracy
 from pfpl.backbones import PromptTower, load_backbone
 from pfpl.config import Config, build_config
 from pfpl.data import build_dataset
 from pfpl.data.clients import ClientData
-from pfpl.data.features import image_features
+from pfpl.data.features import Features, image_features
 from pfpl.data.partitions import make_partition
 from pfpl.errors import CheckpointError
 from pfpl.evaluation.federated import EvalPlan, evaluate_clients
@@ -113,7 +113,7 @@ def plan_for(cfg: Config, method: Method, sizes: list[int], settings: TrainSetti
     shape = TrainingShape(
         sizes=tuple(sizes),
         batch_size=settings.batch_size,
-        steps_per_round=steps_per_round(sizes, settings),
+        steps_per_round=steps_per_round(sizes, settings) * len(method.stages()),
         rounds=settings.rounds,
         sync=settings.sync,
         participation=settings.participation,
@@ -188,15 +188,23 @@ class Benchmark:
         self.train = image_features(self.backbone, self.dataset, "train", cfg.cache_dir)
         self.test = image_features(self.backbone, self.dataset, "test", cfg.cache_dir).to(self.device)
         f = cfg.federation
-        self.partition = make_partition(
-            self.train.labels.numpy(),
-            self.train.domains.numpy(),
+        pool = np.arange(len(self.train))
+        self.server_index: np.ndarray | None = None
+        if any(m in AUXILIARY_METHODS for m in cfg.train.methods) and cfg.fedsp.server_data == "shard":
+            self.server_index = server_shard(self.train, cfg.fedsp.server_fraction, cfg.seed)
+            pool = np.setdiff1d(pool, self.server_index)
+        partition = make_partition(
+            self.train.labels.numpy()[pool],
+            self.train.domains.numpy()[pool],
             f.n_clients,
             f.partition,
             cfg.seed,
             alpha=f.alpha,
             classes_per_client=f.classes_per_client,
         )
+        partition.clients = [pool[ix] for ix in partition.clients]  # indices into the whole training split
+        self.partition = partition
+        self._fedsp: dict[bool, object] = {}
         self.plan = EvalPlan.build(self.partition, self.train, self.test)
         self.tower = PromptTower(
             self.backbone, self.dataset.classnames, cfg.prompt.n_ctx, max_sequences=cfg.train.max_sequences
@@ -215,7 +223,31 @@ class Benchmark:
         method = get_method(method_name)(method_settings(self.cfg))
         return plan_for(self.cfg, method, self.partition.sizes(), train_settings(self.cfg), self.backbone.ctx_dim)
 
+    def fedsp(self, distilled: bool):
+        """FedSP's auxiliary model and data (built once per run and distillation setting)."""
+        if distilled not in self._fedsp:
+            from pfpl.federation.fedsp import build_context
+
+            self._fedsp[distilled] = build_context(self, distilled)
+        return self._fedsp[distilled]
+
     def engine(self, method_name: str) -> tuple[Simulator, PrivacyPlan]:
+        if method_name in AUXILIARY_METHODS:
+            from pfpl.federation.fedsp import method_extra
+
+            cls = get_method(method_name)
+            context = self.fedsp(cls.distilled)
+            settings = method_settings(self.cfg)
+            settings.extra.update(method_extra(context, self))
+            return build_engine(
+                self.cfg,
+                method_name,
+                context.tower,
+                context.client_data(self.partition.clients),
+                self.backbone.logit_scale,
+                self.reference,
+                method=cls(settings),
+            )
         return build_engine(
             self.cfg, method_name, self.tower, self.client_data(), self.backbone.logit_scale, self.reference
         )
@@ -237,12 +269,45 @@ def _headline(result: dict) -> dict:
     return {k: result[k] for key in HEADLINE for k in (key, f"{key}_std") if k in result}
 
 
+def server_shard(train: Features, fraction: float, seed: int) -> np.ndarray:
+    """A stratified ``fraction`` of every (class, domain) pair of the training split, for the server."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5E4F]))
+    keys = train.labels.numpy() * (int(train.domains.max()) + 1) + train.domains.numpy()
+    out = []
+    for key in np.unique(keys):
+        members = rng.permutation(np.flatnonzero(keys == key))
+        out.append(members[: max(1, round(fraction * len(members)))])
+    return np.sort(np.concatenate(out))
+
+
+def auxiliary(sim: Simulator, bench: Benchmark, name: str) -> dict:
+    """For FedSP: each client's own product (its auxiliary model, body and prompt), the model owner's
+    figures (parameters a client holds, distillation, the auxiliary model alone) and the bytes sent."""
+    if name not in AUXILIARY_METHODS:
+        return {}
+    context = bench.fedsp(sim.method.distilled)
+    everyone = torch.arange(sim.n_clients)
+    params = {**sim.server.broadcast(everyone), **sim.local}
+    aux = evaluate_clients(sim.method.auxiliary_features(sim.tower, params), context.test, bench.plan)
+    prompt = sim.server.shared["prompt"][0].numel() * 4
+    body = sum(v[0].numel() * 4 for k, v in sim.local.items() if k.startswith("body:"))
+    up = prompt + (body if sim.method.upload == "reference" else 0)
+    return {
+        "auxiliary": _headline(aux),
+        "fedsp": {
+            **context.report,
+            "bytes_per_round": {"download": prompt, "upload": up, "body_once": body, "upload_mode": sim.method.upload},
+        },
+    }
+
+
 def grouping(sim: Simulator, bench: Benchmark) -> dict:
     """For a method whose server regroups clients: the adjusted Rand index of its final groups
     against the clients' true domains (majority domain of their records), and the clustering log."""
-    logs = [entry for phase in sim.phases for entry in getattr(phase, "log", [])]
-    if not sim.phases:
+    clustering = [phase for phase in sim.phases if hasattr(phase, "log")]
+    if not clustering:
         return {}
+    logs = [entry for phase in clustering for entry in phase.log]
     from pfpl.secure.secpc import adjusted_rand_index
 
     domains = bench.train.domains.numpy()
@@ -360,6 +425,7 @@ def run(
                     **record,
                     "privacy": plan.describe(),
                     **grouping(sim, bench),
+                    **auxiliary(sim, bench, name),
                     "per_client": result["per_client"],
                 }
                 state["current"] = None

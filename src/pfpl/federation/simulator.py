@@ -67,6 +67,8 @@ class Simulator:
         self.n_clients = data.n_clients
         self.sizes = torch.tensor(data.sizes(), dtype=torch.float32, device=self.device)
         self.local_steps = steps_per_round(data.sizes(), settings)
+        # a method with several stages (FedSP) draws fresh batches for each: steps a record may meet
+        self.steps_per_round = self.local_steps * len(method.stages())
         self.one_client_calls = one_client_calls
         self.phases = list(phases or [])
         self.update = ClientUpdate(method, tower, settings, scale, reference, mechanism)
@@ -144,9 +146,9 @@ class Simulator:
         if len(active) == 0:
             return []
         if not self.one_client_calls:
-            return self.data.batches(active, self.local_steps, s.batch_size, s.sampling, s.seed, r)
+            return self.data.batches(active, self.steps_per_round, s.batch_size, s.sampling, s.seed, r)
         return [
-            self.data.batches(active[i : i + 1], self.local_steps, s.batch_size, s.sampling, s.seed, r)
+            self.data.batches(active[i : i + 1], self.steps_per_round, s.batch_size, s.sampling, s.seed, r)
             for i in range(len(active))
         ]
 
@@ -195,7 +197,7 @@ class Simulator:
         if self.charges is None:
             return
         for c in active.tolist():
-            self.charges.charge_round(self.ledgers[c], len(self.data.clients[c]), self.local_steps)
+            self.charges.charge_round(self.ledgers[c], len(self.data.clients[c]), self.steps_per_round)
         self.charges.charge_client_level(self.client_level)
 
     # ---- released prompts --------------------------------------------------------------------
@@ -210,5 +212,7 @@ class Simulator:
     @torch.no_grad()
     def text_features(self) -> torch.Tensor:
         """Every client's class text features ``[N, C, E]``."""
-        ctx = self.personalized_context()
-        return self.tower(ctx if ctx.dim() == 4 else ctx[:, None])
+        everyone = torch.arange(self.n_clients)
+        params = {**self.server.broadcast(everyone), **self.local}
+        gens = client_streams(self.s.seed, Purpose.RELEASE, everyone)
+        return self.method.release_features(self.tower, params, gens)
