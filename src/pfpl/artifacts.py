@@ -84,10 +84,6 @@ class ReleasedPrompts:  # tensors: torch is imported by whoever builds one
     local: dict[str, Any]  # torch.Tensor [N, ...]
     clients: list[Any]  # torch.Tensor: each client's training-record indices
 
-    def shared_of(self, client: int) -> dict[str, Any]:
-        """The shared parameters client ``client`` received last."""
-        return {k: v[int(self.groups[client])] for k, v in self.shared.items()}
-
 
 class RunFolder:
     """The files of one run."""

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from pfpl.algorithms import AUXILIARY_METHODS, DEFAULT_METHODS, METHOD_NAMES
+from pfpl.algorithms import AUXILIARY_METHODS, CLUSTERING_METHODS, DEFAULT_METHODS, METHOD_NAMES
 from pfpl.errors import ConfigError
 
 __all__ = ["METHOD_NAMES", "Config", "ConfigError", "build_config", "load_config"]
@@ -176,6 +176,28 @@ class Config(Section):
     secure: SecureConfig = SecureConfig()
     secfpp: SecFPPConfig = SecFPPConfig()
     fedsp: FedSPConfig = FedSPConfig()
+    _notes: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def notes(self) -> list[str]:
+        """How defaults were resolved for this config, for the user (e.g. methods a private run leaves out)."""
+        return list(self._notes)
+
+    @property
+    def private(self) -> bool:
+        """Whether any DP mechanism runs (sample-level or client-level)."""
+        return self.dp.mode != "off" or self.dp.client_noise_multiplier > 0
+
+
+def default_methods_for_privacy(cfg: Config) -> tuple[list[str], list[str]]:
+    """(methods, left out) for a private run of ``cfg``: where ``train.methods`` is left at its default,
+    SecFPP clustering on raw image features is left out — no ε would hold for it (it is refused when
+    listed, :mod:`pfpl.privacy.rules`). Methods the config lists are kept as they are."""
+    methods = list(cfg.train.methods)
+    if "methods" in cfg.train.model_fields_set or cfg.secfpp.cluster_on != "images":
+        return methods, []
+    left = [m for m in methods if m in CLUSTERING_METHODS]
+    return [m for m in methods if m not in left], left
 
 
 def _parse_value(raw: str) -> Any:
@@ -229,6 +251,14 @@ def build_config(data: dict[str, Any], overrides: list[str] | None = None, model
     except ValidationError as err:
         raise _one_line(model, err) from None
     _check_together(cfg)
+    if cfg.private:
+        methods, left = default_methods_for_privacy(cfg)
+        if left:
+            cfg.train.methods = methods
+            cfg._notes.append(
+                f"left out of this private run's default methods: {', '.join(left)} (it clusters clients on raw "
+                "image features, which no DP covers; list it with secfpp.cluster_on='prompts' to include it)"
+            )
     return cfg
 
 
@@ -239,6 +269,19 @@ def _check_together(cfg: Config) -> None:
         raise ConfigError(
             f"config error: {auxiliary[0]} trains two stages per round and sends its prompt once: it needs "
             f"federation.sync = 'fedavg' (not {cfg.federation.sync!r})"
+        )
+    if auxiliary and cfg.fedsp.upload == "reference" and cfg.federation.secure_aggregation:
+        raise ConfigError(
+            "config error: fedsp.upload = 'reference' sends every client's auxiliary body to the server in the "
+            "clear; it cannot run with federation.secure_aggregation (use fedsp.upload = 'prompt')"
+        )
+    clustering = [m for m in cfg.train.methods if m in CLUSTERING_METHODS]
+    needed = 2 * (cfg.secfpp.lcc_slices + cfg.secfpp.lcc_privacy - 1) + 1
+    if clustering and cfg.federation.n_clients < needed:
+        raise ConfigError(
+            f"config error: {clustering[0]}'s secure clustering needs at least 2·(K + T − 1) + 1 = {needed} clients "
+            f"(secfpp.lcc_slices K = {cfg.secfpp.lcc_slices}, secfpp.lcc_privacy T = {cfg.secfpp.lcc_privacy}); "
+            f"federation.n_clients is {cfg.federation.n_clients}"
         )
     if cfg.train.rank > cfg.prompt.n_ctx:
         raise ConfigError(

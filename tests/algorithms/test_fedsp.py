@@ -88,6 +88,12 @@ def test_a_client_uploads_its_prompt_and_nothing_else(tmp_path):
             assert set(message.extras) == expected
         else:  # the explicitly named reference option also sends the body, which leaks more
             assert message.extras and all(k.startswith("body:") for k in message.extras)
+            sim.server.receive(message, 0)  # the server keeps the size-weighted mean body for itself
+            w = (sim.sizes / sim.sizes.sum()).double()
+            for k, v in message.extras.items():
+                mean = (v.double() * w.view(-1, *[1] * (v.dim() - 1))).sum(0)
+                torch.testing.assert_close(sim.server.received[k][0].double(), mean, rtol=1e-5, atol=1e-6)
+            assert not any(k.startswith("body:") for k in sim.server.broadcast(everyone))
         assert all(k.startswith("body:") for k in sim.local)  # the bodies are the clients' own
 
 
@@ -116,8 +122,50 @@ def test_a_resumed_fedsp_run_ends_with_the_same_metrics(tmp_path):
     json.dumps(whole)
 
 
-def test_fedsp_needs_fedavg_sync():
+def test_fedsp_needs_fedavg_sync_and_no_clear_body_under_secure_aggregation():
     from pfpl.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="fedavg"):
         load_config(None, ["train.methods=['fedsp']", "federation.sync='step'"])
+    with pytest.raises(ConfigError, match="in the clear"):
+        load_config(
+            None,
+            [
+                "train.methods=['fedsp']",
+                "federation.sync='fedavg'",
+                "fedsp.upload='reference'",
+                "federation.secure_aggregation=true",
+            ],
+        )
+
+
+def test_sample_level_dp_charges_both_stages_of_every_round(tmp_path):
+    """With ``dp.mode = feature`` every local step of both stages samples a fresh Poisson batch, so a
+    client's ε must cover 2 × local_steps × rounds subsampled Gaussians (checked against
+    dp-accounting, computed here); the ablation without the alignment stage is charged half."""
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    from pfpl.federation.runner import Benchmark, epsilons
+
+    sigma, reported = 2.0, {}
+    for method, stages in (("fedsp", 2), ("fedsp-noalign", 1)):
+        cfg = _cfg(
+            tmp_path,
+            f"train.methods=['{method}']",
+            "dp.mode='feature'",
+            f"dp.noise_multiplier={sigma}",
+            "dp.sampling='poisson'",
+        )
+        sim, plan = Benchmark(cfg).engine(method)
+        for _ in range(cfg.federation.rounds):
+            sim.run_round()
+        reported[method] = epsilons(sim, plan)
+        for c, eps in enumerate(reported[method]):
+            q = min(1.0, cfg.federation.batch_size / float(sim.sizes[c]))
+            steps = stages * sim.local_steps * cfg.federation.rounds
+            acc = RdpAccountant()
+            event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+            acc.compose(dp_accounting.SelfComposedDpEvent(event, steps))
+            assert eps >= acc.get_epsilon(1e-5) * 0.99, (method, c)
+    assert all(a > b for a, b in zip(reported["fedsp"], reported["fedsp-noalign"]))

@@ -110,3 +110,12 @@ def test_secure_and_plaintext_clustering_regroup_clients_by_style(tmp_path):
     assert [x["assignment"] for x in secure["clustering"]] == [x["assignment"] for x in plain["clustering"]]
     assert secure["ari"] >= 0.9 and secure["groups"] == 5
     assert secure["clustering"][0]["bytes_per_client"] > 0 and plain["clustering"][0]["bytes_per_client"] is None
+
+
+def test_too_few_clients_for_the_secure_clustering_is_refused_before_any_work():
+    from pfpl.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"at least 2·\(K \+ T − 1\) \+ 1 = 5 clients"):
+        load_config(None, ["train.methods=['secfpp']", "federation.n_clients=4"])
+    load_config(None, ["train.methods=['secfpp-global']", "federation.n_clients=4"])  # no clustering: fine
+    load_config(None, ["train.methods=['secfpp']", "federation.n_clients=4", "secfpp.lcc_slices=1"])  # 3 suffice

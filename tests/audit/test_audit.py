@@ -195,7 +195,7 @@ def test_pfpl_audit_config_trains_audits_and_writes_the_report(tmp_path, capsys)
     from pfpl.cli import main
 
     sets = [
-        "federation.n_clients=4",
+        "federation.n_clients=5",  # SecFPP's secure clustering needs 5 (K = 2, T = 1)
         "federation.partition='iid'",
         "federation.rounds=2",
         "federation.local_steps=2",
@@ -204,7 +204,7 @@ def test_pfpl_audit_config_trains_audits_and_writes_the_report(tmp_path, capsys)
         "data.test_per_class_domain=2",
         "prompt.n_ctx=2",
         "train.rank=1",
-        "train.methods=['coop', 'promptfl', 'dpfpl']",
+        "train.methods=['coop', 'promptfl', 'dpfpl', 'secfpp']",
         f"cache_dir='{tmp_path / 'cache'}'",
     ]
     config = Path(__file__).resolve().parents[2] / "configs" / "audit.toml"
@@ -225,7 +225,7 @@ def test_pfpl_audit_config_trains_audits_and_writes_the_report(tmp_path, capsys)
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert (tmp_path / "run" / "audit.json").is_file() and (tmp_path / "run" / "audit.png").is_file()
-    assert set(report["methods"]) == {"coop", "promptfl", "dpfpl"}
+    assert set(report["methods"]) == {"coop", "promptfl", "dpfpl", "secfpp"}  # secfpp: class-specific contexts
     for name in ("loss", "calibrated_loss", "lira_online", "lira_offline", "shadow_model"):
         row = report["attacks"][name]
         assert 0 <= row["auc"] <= 1 and 0 <= row["tpr_at_1pct_fpr"] <= 1 and row["eps_lower_bound"] >= 0
@@ -234,3 +234,25 @@ def test_pfpl_audit_config_trains_audits_and_writes_the_report(tmp_path, capsys)
     assert coop["attacks"]["loss"]["n_members"] == coop["attacks"]["loss"]["n_nonmembers"]
     assert report["methods"]["promptfl"]["shadows"]["design"].startswith("personal copy")
     assert report["violations"] == []
+
+
+def test_shadows_train_on_the_shared_prompt_of_their_targets_group(world):
+    """Targets from several groups (SecFPP clusters): each shadow starts from, and keeps, the domain
+    prompt its own target received, and no server phase re-clusters the shadows."""
+    from pfpl.audit.shadows import shadow_simulator
+
+    tower, records = world
+    feats = records(3, 0)
+    gen = torch.Generator().manual_seed(1)
+    released = {"domain": torch.randn(2, 4, tower.prefix.shape[-1], generator=gen) * 0.3}
+    clients = [np.arange(0, 6), np.arange(6, 12), np.arange(12, 18)]
+    cfg = build_config({"prompt": {"init_std": SETTINGS.init_std}})
+    training = ShadowTraining("secfpp", ENGINE, SETTINGS, config=cfg, released=released)
+    sim, _ = shadow_simulator(training, tower, feats, clients, SCALE, None, seed=0, groups=[1, 0, 1])
+    assert sim.phases == []
+    for _ in range(2):
+        sim.run_round()
+    got = sim.server.broadcast(torch.arange(3))["domain"]
+    torch.testing.assert_close(got, released["domain"][[1, 0, 1]].to(got))
+    with pytest.raises(Exception, match="indices below 2"):
+        shadow_simulator(training, tower, feats, clients, SCALE, None, seed=0, groups=[0, 2, 1])

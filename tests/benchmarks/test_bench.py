@@ -223,3 +223,25 @@ def test_secpc_bench_reports_each_role_and_a_ratio_to_the_round():
     assert row["client_s"] > 0 and row["server_s"] > 0 and row["lcc_rounds"] >= 2 and row["bytes_per_client"] > 0
     assert row["ratio_to_round"] == pytest.approx(row["wall_s"] / row["fedavg_round_s"])
     assert "LCC rounds" in format_secpc(result)
+
+
+def test_fedsp_bench_times_both_clients_side_by_side(tmp_path):
+    from pfpl.benchmarks.fedsp import format_fedsp, run_fedsp_bench
+
+    tiny = (
+        "federation.n_clients=3",
+        "data.train_per_class_domain=1",
+        "data.val_per_class_domain=1",
+        "data.test_per_class_domain=1",
+        "prompt.n_ctx=2",
+        "train.rank=1",
+        f"cache_dir='{tmp_path / 'cache'}'",
+    )
+    result = run_fedsp_bench(rounds=1, overrides=tiny)
+    fedsp, promptfl = result["rows"]["fedsp-nokd"], result["rows"]["promptfl"]
+    assert fedsp["client_s_per_round"] > 0 and promptfl["client_s_per_round"] > 0
+    assert fedsp["server_phase_s_per_round"] > 0 and promptfl["server_phase_s_per_round"] == 0  # PromptFL has none
+    assert result["ratio"] == pytest.approx(fedsp["client_s_per_round"] / promptfl["client_s_per_round"])
+    assert result["bytes_per_round"]["upload"] == 2 * 64 * 4 and result["bytes_per_round"]["body_once"] > 0
+    assert 0 < result["parameters"]["auxiliary_transformer_share"] <= 0.5
+    assert "FedSP client / PromptFL client" in format_fedsp(result)

@@ -44,3 +44,34 @@ def test_bad_epsilons_and_combinations_fail_before_training():
         sweep_configs(cfg, [1.0])
     with pytest.raises(ConfigError):
         load_config(None, ["dp.delta=2"])
+
+
+def test_secfpp_clustering_on_raw_image_features_is_kept_out_of_private_runs():
+    """SecFPP's default clustering reads raw mean image features, which no mechanism covers: a private
+    run of it is refused with the way out named; clustering on (DP) prompts or no clustering runs; a
+    sweep with the default methods leaves it out and says so, one with the methods listed refuses it."""
+    from pfpl.federation.sweep import default_methods
+    from pfpl.privacy.rules import validate_dp
+
+    private = ["dp.mode=feature", "dp.target_epsilon=1.0"]
+    for method in ("secfpp", "secfpp-plain"):
+        cfg = load_config(None, [*private, f"train.methods=['{method}']"])
+        with pytest.raises(PrivacyConfigError, match="cluster_on='prompts'"):
+            validate_dp(cfg.dp, cfg.train.methods, cfg.federation, cfg.secfpp.cluster_on)
+    ok = load_config(None, [*private, "train.methods=['secfpp']", "secfpp.cluster_on='prompts'"])
+    validate_dp(ok.dp, ok.train.methods, ok.federation, ok.secfpp.cluster_on)
+    ok = load_config(None, [*private, "train.methods=['secfpp-global']"])
+    validate_dp(ok.dp, ok.train.methods, ok.federation, ok.secfpp.cluster_on)
+
+    defaults, skipped = default_methods(load_config(None, []))
+    assert skipped == ["secfpp"] and "secfpp" not in defaults.train.methods and "dpfpl" in defaults.train.methods
+    sweep_configs(defaults, [1.0, math.inf])
+    # a private run with the default methods leaves it out and says so; a non-private one keeps it
+    run_cfg = load_config(None, private)
+    assert "secfpp" not in run_cfg.train.methods and "secfpp" in run_cfg.notes[0]
+    validate_dp(run_cfg.dp, run_cfg.train.methods, run_cfg.federation, run_cfg.secfpp.cluster_on)
+    assert "secfpp" in load_config(None, []).train.methods and not load_config(None, []).notes
+    listed = load_config(None, ["train.methods=['dpfpl', 'secfpp']"])
+    assert default_methods(listed) == (listed, [])
+    with pytest.raises(PrivacyConfigError, match="secfpp"):
+        sweep_configs(listed, [1.0])

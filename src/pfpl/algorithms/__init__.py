@@ -29,6 +29,8 @@ METHOD_NAMES: tuple[str, ...] = tuple(REGISTRY)
 ABLATIONS: tuple[str, ...] = ("secfpp-plain", "secfpp-global", "fedsp-nokd", "fedsp-noalign")
 #: methods that train on an auxiliary model the server distils (FedSP): they need FedAvg sync
 AUXILIARY_METHODS: tuple[str, ...] = ("fedsp", "fedsp-nokd", "fedsp-noalign")
+#: methods that cluster clients on a vector of their own (SecFPP's SecPC; ``secfpp.cluster_on``)
+CLUSTERING_METHODS: tuple[str, ...] = ("secfpp", "secfpp-plain")
 # FedSP needs FedAvg sync and its own benchmark (configs/fedsp.toml): it is run by name, not by default
 DEFAULT_METHODS: tuple[str, ...] = tuple(m for m in METHOD_NAMES if m not in ABLATIONS + AUXILIARY_METHODS)
 

@@ -126,7 +126,7 @@ def audit_targets(
     if k_s == 1:
         raise AuditError("the shadow-model attack needs at least 2 shadows (or 0 to skip it)")
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xA0D1]))
-    feats, labels, domains, clients = [], [], [], []
+    feats, labels, domains, clients, groups = [], [], [], [], []
     # per target: (offset of its audit records, their number, LiRA in-mask, offset of its pool, pool mask or None)
     plan = []
     offset = 0
@@ -150,6 +150,7 @@ def audit_targets(
         feats.append(audit.features), labels.append(audit.labels), domains.append(audit.domains)
         offset += len(audit)
         clients += [a_off + np.flatnonzero(m) for m in in_mask]
+        groups += [t.group] * len(in_mask)
         pool = t.shadow_pool if k_s > 0 and t.shadow_pool is not None and len(t.shadow_pool) >= 2 else None
         p_off, pool_mask = offset, None
         if pool is not None:
@@ -157,13 +158,14 @@ def audit_targets(
             feats.append(pool.features), labels.append(pool.labels), domains.append(pool.domains)
             offset += len(pool)
             clients += [p_off + np.flatnonzero(m) for m in pool_mask]
+            groups += [t.group] * len(pool_mask)
         plan.append((a_off, len(audit), in_mask, p_off, pool_mask))
     data = Features(torch.cat(feats), torch.cat(labels), torch.cat(domains))
     sizes = [len(c) for c in clients]
     if min(sizes) == 0:
         raise AuditError("a shadow got no training records; audit more records per client")
     shadow_seed = int(np.random.SeedSequence([seed, training.engine.seed, 0x5AD0]).generate_state(1)[0] % 2**31)
-    sim, dp_plan = shadow_simulator(training, tower, data, clients, scale, reference, shadow_seed)
+    sim, dp_plan = shadow_simulator(training, tower, data, clients, scale, reference, shadow_seed, groups)
     t0 = time.time()
     while sim.round < sim.s.rounds:
         sim.run_round()
@@ -171,7 +173,8 @@ def audit_targets(
             log(f"{training.method}: shadow round {sim.round}/{sim.s.rounds} ({len(clients)} shadows)")
     with torch.no_grad():
         shadow_text = sim.text_features()
-        target_text = tower(torch.stack([t.context for t in targets])[:, None])
+        contexts = torch.stack([t.context for t in targets])  # [B, M, D], or [B, C, M, D] class-specific
+        target_text = tower(contexts[:, None] if contexts.dim() == 3 else contexts)
     pooled: dict[str, list[np.ndarray]] = {}
     pooled_member: list[np.ndarray] = []
     per_client = {}
@@ -342,12 +345,9 @@ def audit_run(
         released = prompts[m]
         n_clients = released.context.shape[0]
         chosen = _parse_clients(clients, n_clients)
-        groups = {int(released.groups[c]) for c in chosen}
-        if len(groups) > 1:
-            raise AuditError(
-                f"method {m!r}: the audited clients belong to {len(groups)} groups; audit one group "
-                "at a time (--clients)"
-            )
+        # the shared prompt each audited client received: one row per group among them
+        groups = sorted({int(released.groups[c]) for c in chosen})
+        row_of = {g: i for i, g in enumerate(groups)}
         eps_per_client = result.get("epsilon_per_client") or [None] * n_clients
         privacy = result.get("privacy", {})
         sigma = privacy.get("noise_multiplier") if privacy.get("mode") in ("feature", "per-sample") else None
@@ -357,7 +357,7 @@ def audit_run(
             method_settings=method_settings(cfg),
             config=cfg,
             noise_multiplier=sigma,
-            released=released.shared_of(chosen[0]),
+            released={k: v[groups] for k, v in released.shared.items()},
         )
         targets = []
         for c in chosen:
@@ -380,6 +380,7 @@ def audit_run(
                     shadow_split.subset(sets.shadow_pool),
                     math.inf if eps is None else float(eps),
                     sets.dropped,
+                    row_of[int(released.groups[c])],
                 )
             )
         # the global-only shadow's learning-rate factor: the audited clients' mean aggregation weight

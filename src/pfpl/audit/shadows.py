@@ -30,7 +30,8 @@ class ShadowTraining:
     method_settings: MethodSettings = field(default_factory=MethodSettings)
     config: Config | None = None  # the run's config (its ``dp`` section drives the shadows' DP)
     noise_multiplier: float | None = None  # σ the run used (feature / per-sample); None: calibrate from dp
-    released: dict[str, torch.Tensor] = field(default_factory=dict)  # the shared parameters the target received
+    # the shared parameters the targets received, one row per group of targets ([G, ...])
+    released: dict[str, torch.Tensor] = field(default_factory=dict)
     global_weight: float = 1.0  # the target client's share n_i / Σn of the global aggregate
 
 
@@ -45,6 +46,7 @@ class AuditTarget:
     shadow_pool: Features | None = None
     accountant_epsilon: float = math.inf
     dropped: int = 0
+    group: int = 0  # its row of ``ShadowTraining.released``
 
 
 class PersonalCopy(Method):
@@ -90,9 +92,12 @@ def shadow_simulator(
     scale: float,
     reference: torch.Tensor | None,
     seed: int,
+    groups: list[int] | None = None,
 ) -> tuple[Simulator, PrivacyPlan]:
-    """One simulator whose clients are shadows: fresh personal parts on the fixed released global;
-    returns it with its privacy plan."""
+    """One simulator whose clients are shadows: fresh personal parts on the fixed released shared
+    prompt of their target's group (``groups``: one row of ``training.released`` per shadow);
+    returns it with its privacy plan. Server phases (re-clustering, server fine-tuning) do not run:
+    the shadows only repeat the target client's own training."""
     from pfpl.federation.runner import build_engine
 
     base = get_method(training.method)(training.method_settings)
@@ -100,8 +105,14 @@ def shadow_simulator(
     missing = [k for k in base.shared_params if k not in training.released]
     if missing:
         raise AuditError(f"method {training.method!r}: the released parameters lack {missing[0]!r}")
+    n_groups = len(next(iter(training.released.values()))) if training.released else 1
+    groups = [0] * len(clients) if groups is None else list(groups)
+    if len(groups) != len(clients) or (groups and not 0 <= min(groups) <= max(groups) < n_groups):
+        raise AuditError(f"shadow groups must be {len(clients)} indices below {n_groups}")
     if base.shared_params and not base.local_params:
-        method: Method = PersonalCopy(base, training.released)
+        if n_groups != 1:
+            raise AuditError(f"method {training.method!r}: a global-only method releases one shared prompt")
+        method: Method = PersonalCopy(base, {k: v[0] for k, v in training.released.items()})
         lr = lr * training.global_weight
     else:
         method = base
@@ -119,6 +130,10 @@ def shadow_simulator(
         settings=engine,
         method=method,
     )
+    sim.phases = []
+    if method.shared_params:
+        sim.server.n_groups = n_groups
+        sim.server.groups = torch.as_tensor(groups, dtype=torch.long, device=sim.server.groups.device)
     for name in method.shared_params:
-        sim.server.shared[name] = training.released[name].detach().clone()[None].to(sim.device)
+        sim.server.shared[name] = training.released[name].detach().clone().to(sim.device)
     return sim, plan

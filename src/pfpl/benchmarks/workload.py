@@ -12,6 +12,8 @@ simulators over the same method, data and streams that differ only in their comp
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -118,6 +120,23 @@ def weights_note(backbone: OpenClipBackbone) -> str:
     return "random" if backbone.name.endswith(":random") else "pretrained"
 
 
+class _NoRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextmanager
+def _random_weights_expected():
+    """The bench times random weights on purpose: silence open_clip's warning about them (only here;
+    ``pfpl run`` keeps it, where random weights are usually a mistake)."""
+    root, quiet = logging.getLogger(), _NoRandomInitWarning()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
 @dataclass
 class Workload:
     """Backbone, class names, clients' raw images and labels, and the image features computed once."""
@@ -134,8 +153,8 @@ class Workload:
     @classmethod
     def build(cls, cfg: BenchConfig) -> Workload:
         validate(cfg)
-        with torch.random.fork_rng(devices=[]):  # random weights, reproducibly, without touching the global RNG
-            torch.manual_seed(cfg.seed)
+        with torch.random.fork_rng(devices=[]), _random_weights_expected():
+            torch.manual_seed(cfg.seed)  # random weights, reproducibly, without touching the global RNG
             backbone = load_backbone(cfg.backbone, None, cfg.device, image_size=cfg.image_size)
         if cfg.rank > min(cfg.n_ctx, backbone.ctx_dim):
             raise BenchError(

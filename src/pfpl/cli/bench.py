@@ -81,6 +81,9 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--secpc", action="store_true", help="time one SecPC secure clustering (10, 100, 1000 clients) against a round"
     )
+    p.add_argument(
+        "--fedsp", action="store_true", help="time a FedSP client against a PromptFL client with the full model"
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=command)
 
@@ -107,6 +110,12 @@ def command(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     validate(cfg)
     log = (lambda message: print(f"[bench] {message}", file=sys.stderr, flush=True)) if sys.stderr.isatty() else None
+    if args.fedsp:
+        from pfpl.benchmarks.fedsp import format_fedsp, run_fedsp_bench
+
+        result = run_fedsp_bench(log=log)
+        print(json.dumps(result) if args.json else format_fedsp(result))
+        return 0
     if args.secpc:
         from pfpl.benchmarks.secpc import format_secpc, run_secpc_bench
 

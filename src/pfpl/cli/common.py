@@ -25,7 +25,11 @@ def add_config_args(p: argparse.ArgumentParser, json: bool = True) -> None:
 
 
 def config_of(args: argparse.Namespace) -> Config:
-    return load_config(args.config, args.overrides)
+    """The command's config; how its defaults were resolved goes to stderr, one line each."""
+    cfg = load_config(args.config, args.overrides)
+    for note in cfg.notes:
+        print(f"pfpl: note: {note}", file=sys.stderr)
+    return cfg
 
 
 def interactive(args: argparse.Namespace) -> bool:

@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 
 from pfpl.artifacts import check_run_folder
-from pfpl.cli.common import add_config_args, interactive, progress_bar
-from pfpl.config import load_config
+from pfpl.cli.common import add_config_args, config_of, interactive, progress_bar
 from pfpl.errors import ConfigError
 from pfpl.privacy.rules import validate_dp
 
@@ -30,8 +29,8 @@ def command(args: argparse.Namespace) -> int:
         )
     cfg = None
     if not args.resume:
-        cfg = load_config(args.config, args.overrides)
-        validate_dp(cfg.dp, cfg.train.methods, cfg.federation)
+        cfg = config_of(args)
+        validate_dp(cfg.dp, cfg.train.methods, cfg.federation, cfg.secfpp.cluster_on)
         if args.out:
             check_run_folder(args.out, args.overwrite)
     from pfpl.federation.runner import new_run_dir, resume, run

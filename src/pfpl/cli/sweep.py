@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -41,8 +42,15 @@ def parse_epsilons(text: str | None) -> list[float]:
 def command(args: argparse.Namespace) -> int:
     cfg = config_of(args)
     epsilons = parse_epsilons(args.epsilons)
-    from pfpl.federation.sweep import run_sweep, sweep_configs
+    from pfpl.federation.sweep import default_methods, run_sweep, sweep_configs
 
+    cfg, left = default_methods(cfg)
+    if left:
+        print(
+            f"pfpl: note: left out of the sweep's default methods: {', '.join(left)} (it clusters clients on raw "
+            "image features, which no DP covers; list it with secfpp.cluster_on='prompts' to include it)",
+            file=sys.stderr,
+        )
     sweep_configs(cfg, epsilons)  # every combination is checked before any training
     folder = args.out or cfg.output_dir / f"sweep-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
     total = len(epsilons) * len(cfg.train.methods) * cfg.federation.rounds

@@ -369,7 +369,7 @@ def run(
     A new run refuses a non-empty folder unless ``overwrite``. Every input is checked (privacy
     combinations, backbone, dataset, partition, each method's privacy plan) before the run folder
     is touched, so a failed start leaves nothing behind."""
-    validate_dp(cfg.dp, cfg.train.methods, cfg.federation)
+    validate_dp(cfg.dp, cfg.train.methods, cfg.federation, cfg.secfpp.cluster_on)
     if state is None:
         check_run_folder(run_dir, overwrite)
     bench = Benchmark(cfg)

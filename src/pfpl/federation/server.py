@@ -30,6 +30,9 @@ class Server:
         self.momentum: dict[str, torch.Tensor] = {}  # step sync: the server's optimizer state per group
         device = next(iter(self.shared.values())).device if self.shared else torch.device("cpu")
         self.groups = torch.zeros(n_clients, dtype=torch.long, device=device)  # group of every client
+        # the size-weighted group means of what clients sent beyond the shared parameters (FedSP's
+        # ``reference`` body upload): kept by the server, never broadcast
+        self.received: dict[str, torch.Tensor] = {}
         self.round = 0
 
     # ---- one round -----------------------------------------------------------------------------
@@ -62,6 +65,7 @@ class Server:
             return
         upload, drops = self.deliver(upload, round_index, step)
         groups = self.groups[upload.clients.to(self.groups.device)]
+        self._keep_extras(upload, groups)
         lr = self.s.lr_at(round_index)
         expected = self.expected_contributions()
         for i, name in enumerate(self.method.shared_params):
@@ -87,6 +91,20 @@ class Server:
             else:
                 self.shared[name][touched] += agg[touched]
 
+    def _keep_extras(self, upload: Upload, groups: torch.Tensor) -> None:
+        if not upload.extras or len(upload.clients) == 0:
+            return
+        weights = upload.sizes.to(self.groups.device, torch.float64)
+        totals = group_sum(weights, groups, self.n_groups)
+        for name, value in upload.extras.items():
+            coef = (weights / totals[groups].clamp(min=1e-12)).view(-1, *[1] * (value.dim() - 1))
+            mean = group_sum(value.to(self.groups.device, torch.float64) * coef, groups, self.n_groups)
+            old = self.received.get(name)
+            kept = torch.zeros_like(mean) if old is None else old.to(mean)
+            present = totals > 0
+            kept[present] = mean[present]  # a group with no delivery keeps its last mean
+            self.received[name] = kept.to(value.dtype)
+
     def deliver(self, upload: Upload, round_index: int, step: int) -> tuple[Upload, dict[int, tuple[str, int]]]:
         """Which uploads arrive: with ``dropout`` p each participant drops out of the exchange with
         probability p, at a phase drawn uniformly from the secure protocol's four (advertise keys,
@@ -111,6 +129,7 @@ class Server:
             {k: v[rows.to(v.device)] for k, v in upload.values.items()},
             upload.sizes[rows.to(upload.sizes.device)],
             upload.loss[rows.to(upload.loss.device)],
+            {k: v[rows.to(v.device)] for k, v in upload.extras.items()},
         )
         return kept, drops
 
@@ -149,6 +168,7 @@ class Server:
             "shared": {k: v.clone() for k, v in self.shared.items()},
             "momentum": {k: v.clone() for k, v in self.momentum.items()},
             "groups": self.groups.clone(),
+            "received": {k: v.clone() for k, v in self.received.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -156,4 +176,5 @@ class Server:
         self.shared = {k: v.clone() for k, v in state["shared"].items()}
         self.momentum = {k: v.clone() for k, v in state["momentum"].items()}
         self.groups = state["groups"].clone()
+        self.received = {k: v.clone() for k, v in state.get("received", {}).items()}
         self.n_groups = max(self.n_groups, int(self.groups.max()) + 1 if len(self.groups) else 1)

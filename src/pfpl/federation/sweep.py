@@ -12,13 +12,24 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pfpl.artifacts import RunFolder, atomic_write_bytes, atomic_write_text, figure_bytes, write_json
-from pfpl.config import Config, build_config
+from pfpl.config import Config, build_config, default_methods_for_privacy
 from pfpl.federation.runner import resume, run
 from pfpl.privacy.rules import validate_dp
 
 
 def _label(eps: float) -> str:
     return "inf" if math.isinf(eps) else f"{eps:g}"
+
+
+def default_methods(cfg: Config) -> tuple[Config, list[str]]:
+    """The sweep's base config with the default methods its private runs can account for, and the
+    methods left out (:func:`pfpl.config.default_methods_for_privacy`)."""
+    methods, left = default_methods_for_privacy(cfg)
+    if not left:
+        return cfg, []
+    data = json.loads(cfg.model_dump_json())
+    data["train"]["methods"] = methods
+    return build_config(data), left
 
 
 def sweep_configs(cfg: Config, epsilons: list[float]) -> dict[str, Config]:
@@ -32,7 +43,7 @@ def sweep_configs(cfg: Config, epsilons: list[float]) -> dict[str, Config]:
         else:
             data["dp"].update(mode=mode, target_epsilon=eps, noise_multiplier=0.0)
         sub = build_config(data)
-        validate_dp(sub.dp, sub.train.methods, sub.federation)
+        validate_dp(sub.dp, sub.train.methods, sub.federation, sub.secfpp.cluster_on)
         out[_label(eps)] = sub
     return out
 

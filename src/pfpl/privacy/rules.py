@@ -4,6 +4,7 @@ config in a fraction of a second."""
 
 from __future__ import annotations
 
+from pfpl.algorithms import CLUSTERING_METHODS
 from pfpl.config import DPConfig, FederationConfig
 from pfpl.errors import PrivacyConfigError
 
@@ -12,8 +13,22 @@ DP_MODES = ("off", "feature", "per-sample", "reference")
 REFERENCE_METHODS = ("promptfl", "fedotp", "fedpgp", "dplora", "dpfpl")
 
 
-def validate_dp(dp: DPConfig, methods: list[str], federation: FederationConfig | None = None) -> None:
-    """One clear error for every combination pfpl cannot run or cannot account for, before any training."""
+def validate_dp(
+    dp: DPConfig,
+    methods: list[str],
+    federation: FederationConfig | None = None,
+    cluster_on: str = "images",
+) -> None:
+    """One clear error for every combination pfpl cannot run or cannot account for, before any training.
+    ``cluster_on``: what SecFPP's clustering reads (``secfpp.cluster_on``)."""
+    private = dp.mode != "off" or dp.client_noise_multiplier > 0
+    clustering = [m for m in methods if m in CLUSTERING_METHODS]
+    if private and clustering and cluster_on == "images":
+        raise PrivacyConfigError(
+            f"{clustering[0]} clusters clients on their raw mean image features, which no DP mechanism covers, "
+            "so no ε would hold for its prompts; set secfpp.cluster_on='prompts' (it then clusters DP outputs) "
+            "or run secfpp-global (no clustering)"
+        )
     if dp.mode == "off" and (dp.target_epsilon is not None or dp.noise_multiplier > 0):
         raise PrivacyConfigError(
             "dp.target_epsilon / dp.noise_multiplier are set but dp.mode='off'; "

@@ -1,7 +1,8 @@
 """SecPC, pfpl's secure adaptive clustering for SecFPP (DESIGN §5).
 
-Each client reduces its personalized prompt with a public, seeded random projection, normalises
-it, and encodes it in fixed point (integers). The N × d matrix X of all clients' rows is split by
+Each client reduces a vector of its own (its mean image feature by default, or its personalized
+prompt: ``secfpp.cluster_on``) with a public, seeded random projection, normalises it, and encodes
+it in fixed point (integers). The N × d matrix X of all clients' rows is split by
 columns into K slices; every client Lagrange-codes *its own row* of every slice with T fresh random
 masks (:mod:`pfpl.secure.lcc`) and sends each worker its coded row — the workers (the clients
 themselves) then hold a coded copy of the whole matrix, of which any T reveal nothing. The data
