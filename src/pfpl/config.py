@@ -6,10 +6,10 @@ what is allowed.
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from pfpl.algorithms import AUXILIARY_METHODS, CLUSTERING_METHODS, DEFAULT_METHODS, METHOD_NAMES

@@ -46,3 +46,7 @@ class BenchError(PfplError):
 
 class ProtocolError(PfplError):
     """A message between clients and server that breaks the protocol (wrong shape, key, round)."""
+
+
+class DeploymentError(PfplError):
+    """A federation that cannot start or go on (a SuperLink or SuperNodes missing, too few answers)."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from pfpl.backbones.prompt_tower import PromptTower
 
 
-class Scope(str, Enum):
+class Scope(StrEnum):
     LOCAL = "local"
     GROUP = "group"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import UTC
 from pathlib import Path
 
 from pfpl.audit import DEFAULT_SHADOWS, check_shadows
@@ -169,12 +170,12 @@ def command(args: argparse.Namespace) -> int:
     from pfpl.audit.audit import audit_many
 
     if cfg is not None and epsilons is not None:
-        from datetime import datetime, timezone
+        from datetime import datetime
 
         from pfpl.federation.sweep import run_sweep, sweep_configs
 
         sweep_configs(cfg, epsilons)
-        folder = args.out or cfg.output_dir / f"audit-sweep-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+        folder = args.out or cfg.output_dir / f"audit-sweep-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
         if log:
             log(f"training the ε sweep into {folder}")
         run_sweep(cfg, epsilons, folder, (lambda label, m, d, t: log(f"ε={label} {m} round {d}/{t}")) if log else None)

@@ -84,6 +84,11 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--fedsp", action="store_true", help="time a FedSP client against a PromptFL client with the full model"
     )
+    p.add_argument(
+        "--flower",
+        action="store_true",
+        help="time a round on a local Flower federation against the simulator, with and without secure aggregation",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=command)
 
@@ -110,6 +115,12 @@ def command(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     validate(cfg)
     log = (lambda message: print(f"[bench] {message}", file=sys.stderr, flush=True)) if sys.stderr.isatty() else None
+    if args.flower:
+        from pfpl.benchmarks.flower import format_flower, run_flower_bench
+
+        result = run_flower_bench(log=log)
+        print(json.dumps(result) if args.json else format_flower(result))
+        return 0
     if args.fedsp:
         from pfpl.benchmarks.fedsp import format_fedsp, run_fedsp_bench
 

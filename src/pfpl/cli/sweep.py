@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pfpl.cli.common import add_config_args, config_of, interactive, progress_bar
@@ -52,7 +52,7 @@ def command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     sweep_configs(cfg, epsilons)  # every combination is checked before any training
-    folder = args.out or cfg.output_dir / f"sweep-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+    folder = args.out or cfg.output_dir / f"sweep-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
     total = len(epsilons) * len(cfg.train.methods) * cfg.federation.rounds
     with progress_bar(interactive(args)) as bar:
         task = bar.add_task("sweep", total=total) if bar else None

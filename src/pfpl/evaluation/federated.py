@@ -70,18 +70,17 @@ def _none_if_nan(x: float) -> float | None:
 
 
 @torch.no_grad()
-def evaluate_clients(text_features: torch.Tensor, test: Features, plan: EvalPlan) -> dict:
-    """Accuracies per client, and their mean and std, for class text features ``[N, C, E]`` (or
-    ``[C, E]`` shared by all clients)."""
-    n = len(plan.local)
+def client_scores(text_features: torch.Tensor, clients: list[int], test: Features, plan: EvalPlan) -> dict:
+    """Each of ``clients``' accuracies (NaN where a client has no such test images) for their class
+    text features ``[B, C, E]`` (or ``[C, E]`` shared): what a node computes for its own clients."""
     device = test.features.device
     text_features = text_features.to(device)
     if text_features.dim() == 2:
-        text_features = text_features.expand(n, *text_features.shape)
+        text_features = text_features.expand(len(clients), *text_features.shape)
     local = []
-    for i in range(n):
+    for row, i in enumerate(clients):
         idx, w = plan.local[i][0].to(device), plan.local[i][1].to(device)
-        pred = (test.features[idx] @ text_features[i].t()).argmax(-1)
+        pred = (test.features[idx] @ text_features[row].t()).argmax(-1)
         local.append(float(((pred == test.labels[idx]).float() * w).sum() / w.sum()))
     per_client = {"local": local}
     sets = {
@@ -91,10 +90,23 @@ def evaluate_clients(text_features: torch.Tensor, test: Features, plan: EvalPlan
     }
     for key, index in sets.items():
         if index is not None:
-            per_client[key] = [_accuracy(test, text_features[i], index[i].to(device)) for i in range(n)]
+            per_client[key] = [
+                _accuracy(test, text_features[row], index[i].to(device)) for row, i in enumerate(clients)
+            ]
+    return per_client
+
+
+def summarize(per_client: dict[str, list[float]]) -> dict:
+    """Mean and std over clients of every score (NaN scores left out), with the per-client lists."""
     out: dict = {}
     for key, values in per_client.items():
         mean, std = _mean_std(values)
         out[key], out[f"{key}_std"] = _none_if_nan(mean), _none_if_nan(std)
     out["per_client"] = {k: [_none_if_nan(v) for v in vals] for k, vals in per_client.items()}
     return out
+
+
+def evaluate_clients(text_features: torch.Tensor, test: Features, plan: EvalPlan) -> dict:
+    """Accuracies per client, and their mean and std, for class text features ``[N, C, E]`` (or
+    ``[C, E]`` shared by all clients)."""
+    return summarize(client_scores(text_features, list(range(len(plan.local))), test, plan))

@@ -14,8 +14,9 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -320,7 +321,7 @@ def grouping(sim: Simulator, bench: Benchmark) -> dict:
 
 
 def new_run_dir(cfg: Config) -> Path:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     path = cfg.output_dir / f"run-{stamp}"
     k = 1
     while path.exists():
@@ -361,10 +362,75 @@ def privacy_record(sim: Simulator, plan: PrivacyPlan) -> dict:
     }
 
 
+class MethodTraining(Protocol):
+    """One method's federated training as :func:`run` drives it: in process (:class:`SimulatedTraining`)
+    or on a deployment (:mod:`pfpl.federation.flower`)."""
+
+    @property
+    def round(self) -> int: ...
+
+    def run_round(self) -> dict: ...
+
+    def evaluate(self) -> dict: ...
+
+    def privacy_record(self) -> dict: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def finish(self, folder: RunFolder) -> dict:
+        """After the last round: write what the run releases, return the summary's extra entries."""
+
+
+class SimulatedTraining:
+    """One method on the in-process simulator."""
+
+    def __init__(self, bench: Benchmark, name: str):
+        self.bench, self.name = bench, name
+        self.sim, self.plan = bench.engine(name)
+
+    @property
+    def round(self) -> int:
+        return self.sim.round
+
+    def run_round(self) -> dict:
+        return self.sim.run_round()
+
+    def evaluate(self) -> dict:
+        return self.bench.evaluate(self.sim.text_features())
+
+    def privacy_record(self) -> dict:
+        return privacy_record(self.sim, self.plan)
+
+    def state_dict(self) -> dict:
+        return self.sim.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sim.load_state_dict(state)
+
+    def finish(self, folder: RunFolder) -> dict:
+        folder.save_prompts(self.name, released(self.sim, self.bench.partition.clients))
+        return {
+            "privacy": self.plan.describe(),
+            **grouping(self.sim, self.bench),
+            **auxiliary(self.sim, self.bench, self.name),
+        }
+
+
+TrainingFactory = Callable[["Benchmark", str], MethodTraining]
+
+
 def run(
-    cfg: Config, run_dir: Path, state: dict | None = None, progress: Progress | None = None, overwrite: bool = False
+    cfg: Config,
+    run_dir: Path,
+    state: dict | None = None,
+    progress: Progress | None = None,
+    overwrite: bool = False,
+    training: TrainingFactory = SimulatedTraining,
 ) -> dict:
-    """Train and evaluate every method of ``cfg`` into ``run_dir``; ``state`` resumes a checkpoint.
+    """Train and evaluate every method of ``cfg`` into ``run_dir``; ``state`` resumes a checkpoint;
+    ``training`` makes each method's federation (default: the in-process simulator).
 
     A new run refuses a non-empty folder unless ``overwrite``. Every input is checked (privacy
     combinations, backbone, dataset, partition, each method's privacy plan) before the run folder
@@ -396,7 +462,7 @@ def run(
     for name in cfg.train.methods:
         if name in state["completed"]:
             continue
-        sim, plan = bench.engine(name)
+        sim = training(bench, name)
         current = state.get("current")
         if current and current["method"] == name:
             sim.load_state_dict(current["sim"])
@@ -405,8 +471,8 @@ def run(
             info = sim.run_round()
             if private(cfg) or math.isnan(info["loss"]):  # the un-noised loss is not covered by ε
                 info.pop("loss")
-            result = bench.evaluate(sim.text_features())
-            record = privacy_record(sim, plan)
+            result = sim.evaluate()
+            record = sim.privacy_record()
             history.append(
                 {
                     "method": name,
@@ -419,13 +485,10 @@ def run(
             )
             state["current"] = {"method": name, "sim": sim.state_dict()}
             if sim.round == cfg.federation.rounds:
-                folder.save_prompts(name, released(sim, bench.partition.clients))
                 state["completed"][name] = {
                     **_headline(result),
                     **record,
-                    "privacy": plan.describe(),
-                    **grouping(sim, bench),
-                    **auxiliary(sim, bench, name),
+                    **sim.finish(folder),
                     "per_client": result["per_client"],
                 }
                 state["current"] = None
@@ -484,8 +547,8 @@ def run_title(setup: dict, cfg: Config) -> str:
     )
 
 
-def resume(run_dir: Path, progress: Progress | None = None) -> dict:
+def resume(run_dir: Path, progress: Progress | None = None, training: TrainingFactory = SimulatedTraining) -> dict:
     """Continue a killed run from its last completed round."""
     state = RunFolder(run_dir).load_checkpoint()
     cfg = build_config(state["config"])
-    return run(cfg, run_dir, state, progress)
+    return run(cfg, run_dir, state, progress, training=training)

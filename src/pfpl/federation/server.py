@@ -64,32 +64,40 @@ class Server:
         if not self.s.train_shared or not self.shared:
             return
         upload, drops = self.deliver(upload, round_index, step)
-        groups = self.groups[upload.clients.to(self.groups.device)]
-        self._keep_extras(upload, groups)
-        lr = self.s.lr_at(round_index)
-        expected = self.expected_contributions()
+        self._keep_extras(upload, self.groups[upload.clients.to(self.groups.device)])
         for i, name in enumerate(self.method.shared_params):
-            c = Contributions(
-                upload.values[name],
-                upload.sizes,
-                upload.clients,
-                groups,
-                self.n_groups,
-                expected,
-                round_index,
-                step,
-                i,
-                drops,
-            )
+            c = self.contributions(upload, drops, name, round_index, step)
             agg = self.aggregator(c, stream(self.s.seed, Purpose.SERVER_NOISE, round_index, step, SERVER, i))
-            touched = self.aggregator.releases(c)
-            if self.s.sync == "step":
-                if name not in self.momentum:
-                    self.momentum[name] = torch.zeros_like(self.shared[name])
-                p, m = sgd_step(self.shared[name], self.momentum[name], agg, lr, self.s.momentum, self.s.weight_decay)
-                self.shared[name][touched], self.momentum[name][touched] = p[touched], m[touched]
-            else:
-                self.shared[name][touched] += agg[touched]
+            self.apply(name, agg, self.aggregator.releases(c), round_index)
+
+    def contributions(
+        self, upload: Upload, drops: dict[int, tuple[str, int]], name: str, round_index: int, step: int
+    ) -> Contributions:
+        """What the aggregator of shared parameter ``name`` sees of one exchange's delivered uploads."""
+        return Contributions(
+            upload.values[name],
+            upload.sizes,
+            upload.clients,
+            self.groups[upload.clients.to(self.groups.device)],
+            self.n_groups,
+            self.expected_contributions(),
+            round_index,
+            step,
+            self.method.shared_params.index(name),
+            drops,
+        )
+
+    @torch.no_grad()
+    def apply(self, name: str, agg: torch.Tensor, touched: torch.Tensor, round_index: int) -> None:
+        """Step the groups ``touched`` of shared parameter ``name`` by their aggregate ``agg`` ``[G, ...]``."""
+        if self.s.sync == "step":
+            if name not in self.momentum:
+                self.momentum[name] = torch.zeros_like(self.shared[name])
+            lr = self.s.lr_at(round_index)
+            p, m = sgd_step(self.shared[name], self.momentum[name], agg, lr, self.s.momentum, self.s.weight_decay)
+            self.shared[name][touched], self.momentum[name][touched] = p[touched], m[touched]
+        else:
+            self.shared[name][touched] += agg[touched]
 
     def _keep_extras(self, upload: Upload, groups: torch.Tensor) -> None:
         if not upload.extras or len(upload.clients) == 0:

@@ -55,6 +55,20 @@ class SecureSettings:
 
 
 @dataclass
+class GroupPlan:
+    """One group's protocol instance: its delivered rows and clients, the clients that dropped before
+    their masked input (``lost``), everyone taking part, the simulated drops, threshold and graph."""
+
+    rows: list[int]
+    ids: list[int]
+    lost: list[int]
+    everyone: list[int]
+    drops: dict[int, str]
+    threshold: int
+    graph: dict[int, list[int]]
+
+
+@dataclass
 class SecureAggregator:
     settings: SecureSettings
     weighting: str = "size"  # "size" or "equal" (client-level DP)
@@ -97,52 +111,81 @@ class SecureAggregator:
         shape = c.values.shape[1:]
         out = torch.zeros(c.n_groups, *shape, dtype=c.values.dtype, device=c.values.device)
         values = c.values.flatten(1).detach().to("cpu", torch.float64).numpy()
-        if self.weighting == "equal" and self.client_clip > 0:
-            norms = np.linalg.norm(values, axis=1, keepdims=True)
-            values = values * np.minimum(1.0, self.client_clip / np.maximum(norms, 1e-12))
         for g in range(c.n_groups):
             out[g] = self._group(c, g, values, gen).reshape(shape).to(out)
         return out
 
-    # ---- one group -------------------------------------------------------------------------------
-    def _group(self, c: Contributions, g: int, values: np.ndarray, gen: torch.Generator) -> torch.Tensor:
+    # ---- one group: planned by the server, encoded by each client, decoded by the server -----------
+    def plan_group(self, c: Contributions, g: int) -> GroupPlan | None:
+        """Who takes part in group g's protocol instance (None: nobody), with its threshold and graph.
+        Clients that dropped before their masked input take part until they drop."""
         rows = [i for i in range(len(c.clients)) if int(c.groups[i]) == g]
         ids = [int(c.clients[i]) for i in rows]
         drops = {k: phase for k, (phase, group) in (c.drops or {}).items() if group == g}
         lost = [k for k in drops if k not in ids]
         everyone = sorted(ids + list(lost))
-        dim = values.shape[1]
         if not everyone:
-            return self._empty(c, g, dim, gen)
-        fp = FixedPoint(self.settings.ring_bits, self.scale())
+            return None
         n = len(everyone)
-        t = self.settings.threshold_for(n)
-        lam_share = self.lam_total() / t
-        extra = 1 if self.weighting == "size" else 0
-        vectors = {}
-        for i, client in zip(rows, ids):
-            v = values[i] * (float(c.sizes[i]) if self.weighting == "size" else 1.0)
-            q = fp.quantize(v, summands=n)
-            if lam_share > 0:  # the client's own noise share, from its own stream
-                noise_gen = stream(self.settings.seed, Purpose.PROTOCOL, c.round, c.step, client, c.index)
-                q = q + skellam.sample(lam_share, (dim,), noise_gen).numpy()
-            ring = fp.to_ring(q)
-            if extra:
-                ring = np.concatenate([ring, np.array([int(c.sizes[i])], dtype=np.uint64)])
-            vectors[client] = ring
-        for client in lost:  # they take part until they drop; their vector is never used
-            vectors[client] = np.zeros(dim + extra, dtype=np.uint64)
         graph_seed = int(stream(self.settings.seed, Purpose.PROTOCOL, c.round, c.step, -1, c.index).initial_seed())
         graph = neighbours(everyone, self.settings.degree_for(n), graph_seed % 2**32)
-        transcript = run_in_memory(vectors, t, graph, self.settings.ring_bits, drops)
-        if transcript.rejected:
-            log.warning("secure aggregation: %d client(s) rejected this exchange", len(transcript.rejected))
-        total = transcript.total
+        return GroupPlan(rows, ids, lost, everyone, drops, self.settings.threshold_for(n), graph)
+
+    def encode(
+        self,
+        value: np.ndarray,
+        size: float,
+        client: int,
+        summands: int,
+        threshold: int,
+        round_index: int,
+        step: int,
+        index: int,
+    ) -> np.ndarray:
+        """A client's ring vector for one instance: its own clipping (equal weighting), weighting,
+        fixed point, its share of the distributed noise from its own stream, and its size (size weighting)."""
+        v = np.asarray(value, dtype=np.float64).reshape(-1)
+        if self.weighting == "equal" and self.client_clip > 0:
+            v = v * min(1.0, self.client_clip / max(float(np.linalg.norm(v)), 1e-12))
+        v = v * (float(size) if self.weighting == "size" else 1.0)
+        fp = FixedPoint(self.settings.ring_bits, self.scale())
+        q = fp.quantize(v, summands=summands)
+        lam_share = self.lam_total() / threshold
+        if lam_share > 0:
+            noise_gen = stream(self.settings.seed, Purpose.PROTOCOL, round_index, step, client, index)
+            q = q + skellam.sample(lam_share, (len(v),), noise_gen).numpy()
+        ring = fp.to_ring(q)
+        if self.weighting == "size":
+            ring = np.concatenate([ring, np.array([int(size)], dtype=np.uint64)])
+        return ring
+
+    def vector_length(self, dim: int) -> int:
+        return dim + (1 if self.weighting == "size" else 0)
+
+    def decode(self, total: np.ndarray, c: Contributions, g: int, dim: int) -> torch.Tensor:
+        """The group's aggregate from the decoded ring sum of its survivors."""
+        fp = FixedPoint(self.settings.ring_bits, self.scale())
         summed = fp.decode(total[:dim])
         if self.weighting == "size":
-            count = float(total[dim])
-            return torch.from_numpy(summed / max(count, 1e-12))
+            return torch.from_numpy(summed / max(float(total[dim]), 1e-12))
         return torch.from_numpy(summed / float(self._denominator(c)[g]))
+
+    def _group(self, c: Contributions, g: int, values: np.ndarray, gen: torch.Generator) -> torch.Tensor:
+        dim = values.shape[1]
+        plan = self.plan_group(c, g)
+        if plan is None:
+            return self._empty(c, g, dim, gen)
+        n = len(plan.everyone)
+        vectors = {
+            client: self.encode(values[i], float(c.sizes[i]), client, n, plan.threshold, c.round, c.step, c.index)
+            for i, client in zip(plan.rows, plan.ids)
+        }
+        for client in plan.lost:  # they take part until they drop; their vector is never used
+            vectors[client] = np.zeros(self.vector_length(dim), dtype=np.uint64)
+        transcript = run_in_memory(vectors, plan.threshold, plan.graph, self.settings.ring_bits, plan.drops)
+        if transcript.rejected:
+            log.warning("secure aggregation: %d client(s) rejected this exchange", len(transcript.rejected))
+        return self.decode(transcript.total, c, g, dim)
 
     def _empty(self, c: Contributions, g: int, dim: int, gen: torch.Generator) -> torch.Tensor:
         """Nobody took part in group g: nothing is summed; with client-level DP the server must still
