@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from pfpl.errors import BenchError
+
 SETTINGS = [
     "federation.n_clients=6",
     "federation.sync='fedavg'",
@@ -50,6 +52,10 @@ def run_flower_bench(
     from pfpl.config import load_config
     from pfpl.federation.flower.launch import LocalFederation
 
+    if supernodes < 3:
+        raise BenchError(
+            f"--flower needs at least 3 SuperNodes (Flower's SecAgg+ shares among more than 2), got {supernodes}"
+        )
     say = log or (lambda message: None)
     with tempfile.TemporaryDirectory(prefix="pfpl-bench-flower-") as tmp:
         work = Path(tmp)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -111,34 +112,19 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     )
 
 
+STANDALONE = ("flower", "fedsp", "secpc", "secagg")  # --flower, …: each module has run_<flag>_bench, format_<flag>
+
+
 def command(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     validate(cfg)
     log = (lambda message: print(f"[bench] {message}", file=sys.stderr, flush=True)) if sys.stderr.isatty() else None
-    if args.flower:
-        from pfpl.benchmarks.flower import format_flower, run_flower_bench
-
-        result = run_flower_bench(log=log)
-        print(json.dumps(result) if args.json else format_flower(result))
-        return 0
-    if args.fedsp:
-        from pfpl.benchmarks.fedsp import format_fedsp, run_fedsp_bench
-
-        result = run_fedsp_bench(log=log)
-        print(json.dumps(result) if args.json else format_fedsp(result))
-        return 0
-    if args.secpc:
-        from pfpl.benchmarks.secpc import format_secpc, run_secpc_bench
-
-        result = run_secpc_bench(log=log)
-        print(json.dumps(result) if args.json else format_secpc(result))
-        return 0
-    if args.secagg:
-        from pfpl.benchmarks.secagg import format_secagg, run_secagg_bench
-
-        result = run_secagg_bench(log=log)
-        print(json.dumps(result) if args.json else format_secagg(result))
-        return 0
+    for flag in STANDALONE:  # benches with their own fixed workload: pfpl.benchmarks.<flag>
+        if getattr(args, flag):
+            module = importlib.import_module(f"pfpl.benchmarks.{flag}")
+            result = getattr(module, f"run_{flag}_bench")(log=log)
+            print(json.dumps(result) if args.json else getattr(module, f"format_{flag}")(result))
+            return 0
     if args.dp:
         from pfpl.benchmarks.dp import run_dp_bench
 

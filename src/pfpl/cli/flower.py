@@ -98,12 +98,10 @@ def command_run(args: argparse.Namespace) -> int:
             summary = federation.run(job)
     except KeyboardInterrupt:
         raise DeploymentError(f"interrupted; every Flower process was stopped; continue with --resume {out}") from None
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        from pfpl.cli.run import print_table
+    from pfpl.cli.run import report
 
-        print_table(summary)
+    report(summary, args.json)
+    if not args.json:
         print(f"run folder: {summary['run_dir']}")
     return 0
 

@@ -47,11 +47,16 @@ def command(args: argparse.Namespace) -> int:
             summary = resume(args.resume, progress)
         else:
             summary = run(cfg, args.out or new_run_dir(cfg), progress=progress, overwrite=args.overwrite)
-    if args.json:
+    report(summary, args.json)
+    return 0
+
+
+def report(summary: dict, as_json: bool) -> None:
+    """A run's summary on stdout: the JSON line (``--json``) or the table."""
+    if as_json:
         print(json.dumps(summary))
     else:
         print_table(summary)
-    return 0
 
 
 def print_table(summary: dict) -> None:

@@ -107,13 +107,21 @@ class ClientData:
         return self.features[index], self.labels[index]
 
     def batches(
-        self, clients: torch.Tensor, steps: int, batch_size: int, sampling: str, seed: int, round: int
+        self,
+        clients: torch.Tensor,
+        steps: int,
+        batch_size: int,
+        sampling: str,
+        seed: int,
+        round: int,
+        only: range | None = None,
     ) -> list[Batch]:
-        """Every step's batch for ``clients``, padded to one width per step and masked."""
+        """Every step's batch for ``clients`` (or the steps in ``only``: a node answering one exchange of
+        a round gathers just those), padded to one width per step and masked."""
         ids = clients.tolist()
         positions = [client_batches(len(self.clients[c]), steps, batch_size, sampling, seed, round, c) for c in ids]
         out = []
-        for s in range(steps):
+        for s in only if only is not None else range(steps):
             takes = [self.clients[c][positions[i][s]] for i, c in enumerate(ids)]
             width = batch_size if sampling == "shuffle" else max([1] + [len(t) for t in takes])
             xs, ys, ms = [], [], []

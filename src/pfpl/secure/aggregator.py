@@ -174,7 +174,7 @@ class SecureAggregator:
         dim = values.shape[1]
         plan = self.plan_group(c, g)
         if plan is None:
-            return self._empty(c, g, dim, gen)
+            return self.empty(c, g, dim, gen)
         n = len(plan.everyone)
         vectors = {
             client: self.encode(values[i], float(c.sizes[i]), client, n, plan.threshold, c.round, c.step, c.index)
@@ -187,7 +187,7 @@ class SecureAggregator:
             log.warning("secure aggregation: %d client(s) rejected this exchange", len(transcript.rejected))
         return self.decode(transcript.total, c, g, dim)
 
-    def _empty(self, c: Contributions, g: int, dim: int, gen: torch.Generator) -> torch.Tensor:
+    def empty(self, c: Contributions, g: int, dim: int, gen: torch.Generator) -> torch.Tensor:
         """Nobody took part in group g: nothing is summed; with client-level DP the server must still
         release noise (it adds the threshold's worth itself, as a participant-free round has no clients)."""
         if self.weighting == "equal" and self.noise_std > 0:

@@ -353,7 +353,7 @@ class SecureOverMessages:
                 plan = a.plan_group(c, g)
                 if plan is None:
                     gen = stream(self.seed, Purpose.SERVER_NOISE, c.round, c.step, SERVER, c.index)
-                    sums[name][g] = a._empty(c, g, dim, gen)
+                    sums[name][g] = a.empty(c, g, dim, gen)
                     continue
                 server = SecAggServer(
                     plan.everyone, plan.graph, plan.threshold, a.vector_length(dim), a.settings.ring_bits

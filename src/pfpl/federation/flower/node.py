@@ -65,60 +65,53 @@ class MethodState:
     ledgers: list[Accountant]
     participations: list[int]
 
+    def _meta(self) -> dict:
+        """Everything but the tensors, as plain values (a ConfigRecord or a weights-only file holds it)."""
+        return {
+            "run": self.run,
+            "done": self.done,
+            "next_step": self.next_step,
+            "participations": list(self.participations),
+            "ledgers": json.dumps([x.state_dict() for x in self.ledgers]),
+        }
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {**self.params, **{f"momentum/{k}": v for k, v in self.momentum.items()}}
+
+    @classmethod
+    def _from(cls, meta, tensors: dict[str, torch.Tensor]) -> MethodState:
+        return cls(
+            str(meta["run"]),
+            int(meta["done"]),
+            int(meta["next_step"]),
+            {k: v for k, v in tensors.items() if not k.startswith("momentum/")},
+            {k.removeprefix("momentum/"): v for k, v in tensors.items() if k.startswith("momentum/")},
+            [Accountant.from_state(x) for x in json.loads(str(meta["ledgers"]))],
+            [int(x) for x in meta["participations"]],
+        )
+
     def to_records(self, state: RecordDict, name: str) -> None:
-        state.array_records[f"{name}/params"] = R.to_arrays(
-            {**self.params, **{f"momentum/{k}": v for k, v in self.momentum.items()}}
-        )
-        state.config_records[f"{name}/meta"] = ConfigRecord(
-            {
-                "run": self.run,
-                "done": self.done,
-                "next_step": self.next_step,
-                "participations": list(self.participations),
-                "ledgers": json.dumps([x.state_dict() for x in self.ledgers]),
-            }
-        )
+        state.array_records[f"{name}/params"] = R.to_arrays(self._tensors())
+        state.config_records[f"{name}/meta"] = ConfigRecord(self._meta())
 
     @classmethod
     def from_records(cls, state: RecordDict, name: str) -> MethodState | None:
         if f"{name}/meta" not in state.config_records:
             return None
-        meta = state.config_records[f"{name}/meta"]
-        arrays = R.from_arrays(state.array_records[f"{name}/params"])
-        return cls(
-            str(meta["run"]),
-            int(meta["done"]),
-            int(meta["next_step"]),
-            {k: v for k, v in arrays.items() if not k.startswith("momentum/")},
-            {k.removeprefix("momentum/"): v for k, v in arrays.items() if k.startswith("momentum/")},
-            [Accountant.from_state(x) for x in json.loads(str(meta["ledgers"]))],
-            [int(x) for x in meta["participations"]],
-        )
+        return cls._from(state.config_records[f"{name}/meta"], R.from_arrays(state.array_records[f"{name}/params"]))
 
     def to_file(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        torch.save(
-            {
-                "run": self.run,
-                "done": self.done,
-                "next_step": self.next_step,
-                "params": self.params,
-                "momentum": self.momentum,
-                "ledgers": json.dumps([x.state_dict() for x in self.ledgers]),
-                "participations": self.participations,
-            },
-            tmp,
-        )
+        torch.save({"meta": self._meta(), "tensors": self._tensors()}, tmp)
         tmp.replace(path)
 
     @classmethod
     def from_file(cls, path: Path) -> MethodState | None:
         if not path.is_file():
             return None
-        s = torch.load(path, weights_only=True)
-        ledgers = [Accountant.from_state(x) for x in json.loads(s["ledgers"])]
-        return cls(s["run"], s["done"], s["next_step"], s["params"], s["momentum"], ledgers, s["participations"])
+        saved = torch.load(path, weights_only=True)
+        return cls._from(saved["meta"], saved["tensors"])
 
 
 class Node:
@@ -248,7 +241,7 @@ class Node:
             {k: v[rows].clone() for k, v in current.momentum.items()},
         )
         s = self.settings
-        batches = self.data.batches(ids, per_round, s.batch_size, s.sampling, s.seed, r)[step : step + steps]
+        batches = self.data.batches(ids, per_round, s.batch_size, s.sampling, s.seed, r, range(step, step + steps))
         upload = update(shared, sub, batches, self.sizes[ids], r, step)
         for k, v in sub.params.items():
             current.params[k][rows] = v
