@@ -90,6 +90,9 @@ class TrainConfig(Section):
     fedpgp_mu: float = Field(1.0, ge=0)
     fedpgp_temperature: float = Field(0.5, gt=0)
     max_sequences: int = Field(4096, ge=1, description="text-tower sequences per chunk (memory budget)")
+    share_prefix: bool = Field(
+        True, description="run a shared context's [SOS] ctx positions once per prompt set, not once per class"
+    )
 
 
 class DPConfig(Section):

@@ -92,7 +92,10 @@ def test_json_schema_and_ratios(tiny_name, capsys):
     assert result["reference_clients_timed"] == 2
     assert result["reference_s_per_round"] == pytest.approx(result["reference_s_measured"] * 3 / 2)
     # FlopCounterMode's count (CPU flash attention included) agrees with the analytic formula
-    assert result["text_tower_gflop_per_step"] == pytest.approx(result["text_tower_gflop_per_step_analytic"], rel=1e-6)
+    assert result["text_tower_gflop_per_step_without_prefix_sharing"] == pytest.approx(
+        result["text_tower_gflop_per_step_analytic"], rel=1e-6
+    )
+    assert result["text_tower_gflop_per_step"] < result["text_tower_gflop_per_step_without_prefix_sharing"]
     wl = result["workload"]
     assert (wl["clients"], wl["classes"], wl["steps"], wl["image_size"]) == (3, 6, 2, [32, 32])
     assert wl["engine_text_positions"] < wl["reference_text_positions"] == 77

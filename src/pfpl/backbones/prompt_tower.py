@@ -2,13 +2,17 @@
 
 The frozen token embeddings of SOS and of ``classname . EOS`` are computed once; learned context
 vectors are spliced in between. Any number of prompt sets (e.g. one per client) go through the
-text tower in one call, chunked to a memory budget, on only ``max_eot + 1`` positions.
+text tower in one call, chunked to a memory budget, on only ``max_eot + 1`` positions. When every
+class of a prompt set shares its context (and the tower allows it), ``[SOS] ctx`` runs once per
+prompt set and only the per-class suffix runs per class (:mod:`pfpl.backbones.prefix_tower`).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from pfpl.backbones import prefix_tower
 from pfpl.backbones.openclip import OpenClipBackbone
 from pfpl.errors import BackboneError
 
@@ -23,12 +27,14 @@ class PromptTower:
         n_ctx: int,
         truncate: bool = True,
         max_sequences: int = 4096,
+        share_prefix: bool = True,
     ):
         self.backbone = backbone
         self.classnames = list(classnames)
         self.n_ctx = n_ctx
         self.truncate = truncate
         self.max_sequences = max_sequences
+        self.share_prefix = share_prefix and truncate and prefix_tower.supports(backbone.text)
         placeholder = " ".join(["X"] * n_ctx)
         tokens = backbone.tokenize([f"{placeholder} {name}." for name in classnames])
         self.eot = backbone.text.eot_positions(tokens)
@@ -70,6 +76,9 @@ class PromptTower:
     def __call__(self, ctx: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Normalised class text features ``[B, C, E]`` (see :meth:`embeddings` for shapes); ``params``
         runs the text tower on other weights for this call (see :class:`~pfpl.backbones.openclip.TextTower`)."""
+        shared = self._shared_context(ctx)
+        if shared is not None and not params and self.share_prefix:
+            return self._prefix_shared(shared)
         x = self.embeddings(ctx)
         b, c = x.shape[:2]
         flat = x.reshape(b * c, *x.shape[2:])
@@ -80,3 +89,22 @@ class PromptTower:
             for i in range(0, b * c, step)
         ]
         return torch.cat(out).reshape(b, c, -1)
+
+    def _shared_context(self, ctx: torch.Tensor) -> torch.Tensor | None:
+        """``[B, M, D]`` when each prompt set's context is the same for all its classes, else None."""
+        if ctx.dim() == 2 and ctx.shape[0] == self.n_ctx:
+            return ctx[None]
+        if ctx.dim() == 4 and ctx.shape[1] == 1 and ctx.shape[2] == self.n_ctx:
+            return ctx[:, 0]
+        return None
+
+    def _prefix_shared(self, ctx: torch.Tensor) -> torch.Tensor:
+        b, c = ctx.shape[0], self.num_classes
+        sos = self.prefix[:1]
+        prefix = torch.cat([sos.expand(b, -1, -1), ctx.to(device=sos.device, dtype=sos.dtype)], dim=1)
+        step = max(1, self.max_sequences // c)
+        out = [
+            prefix_tower.prefix_shared_features(self.backbone.text, prefix[i : i + step], self.suffix, self.eot)
+            for i in range(0, b, step)
+        ]
+        return F.normalize(torch.cat(out).float(), dim=-1)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 
 import torch
@@ -19,6 +20,16 @@ from pfpl.benchmarks.flops import count_flops, default_peak_size, matmul_gflops,
 from pfpl.benchmarks.settings import METHOD, BenchConfig
 from pfpl.benchmarks.workload import Workload, input_size
 from pfpl.errors import BenchError
+
+
+@contextmanager
+def full_sequences(tower) -> Iterator[None]:
+    """The engine's tower without prefix sharing (every class runs its whole sequence), for comparison."""
+    saved, tower.share_prefix = tower.share_prefix, False
+    try:
+        yield
+    finally:
+        tower.share_prefix = saved
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dict:
@@ -51,14 +62,20 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
     engine_flops = count_flops(engine.run_round)
     reference_flops = count_flops(reference.run_round)
     text_flops = count_flops(text_tower_pass)
+    with full_sequences(w.engine_tower):
+        unshared_text_flops = count_flops(text_tower_pass)
     matmul_gflops(a, b, out, tries=1)
+    with full_sequences(w.engine_tower):
+        engine.run_round()
 
-    engine_s, reference_s, text_s, peaks = [], [], [], []
+    engine_s, reference_s, text_s, peaks, unshared_s = [], [], [], [], []
     for i in range(cfg.repeats):
         engine_s.append(timed(engine.run_round, device))
         reference_s.append(timed(reference.run_round, device))
         text_s.append(timed(text_tower_pass, device))
         peaks.append(matmul_gflops(a, b, out))
+        with full_sequences(w.engine_tower):
+            unshared_s.append(timed(engine.run_round, device))
         log(
             f"repeat {i + 1}/{cfg.repeats}: engine {engine_s[-1]:.3f} s, reference ({k} of {cfg.clients} clients) "
             f"{reference_s[-1]:.3f} s, text tower {text_s[-1]:.4f} s, matmul {peaks[-1]:.1f} GFLOP/s"
@@ -70,10 +87,13 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
     text_step = statistics.median(text_s)
     gflops = text_flops / text_step / 1e9
     peak = max(peaks)
+    # the counter's cross-check, on full sequences (a closed form for the fused prefix path is not kept)
     analytic = text_tower_flops_analytic(w.backbone, cfg.num_classes * cfg.clients, w.engine_positions)
     result = {
         "speedup": reference_round / engine_round,
         "engine_s_per_round": engine_round,
+        "engine_without_prefix_sharing_s_per_round": statistics.median(unshared_s),
+        "prefix_sharing_speedup": statistics.median(unshared_s) / engine_round,
         "reference_s_per_round": reference_round,
         "gflops": gflops,
         "peak_gflops": peak,
@@ -83,13 +103,15 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
         "text_tower_s_per_step": text_step,
         "text_tower_share_of_engine_round": cfg.steps * text_step / engine_round,
         "text_tower_gflop_per_step": text_flops / 1e9,
-        "text_tower_gflop_per_step_analytic": None if analytic is None else analytic / 1e9,
+        "text_tower_gflop_per_step_without_prefix_sharing": unshared_text_flops / 1e9,
+        "text_tower_gflop_per_step_analytic": None if analytic is None else analytic / 1e9,  # without sharing
         "engine_gflop_per_round": engine_flops / 1e9,
         "reference_gflop_per_round": reference_flops * cfg.clients / k / 1e9,
         "samples": {
             "engine_s": engine_s,
             "reference_s_measured": reference_s,
             "text_tower_s": text_s,
+            "engine_without_prefix_sharing_s": unshared_s,
             "matmul_gflops": peaks,
         },
         "workload": {
@@ -135,6 +157,8 @@ def format_report(result: dict) -> str:
         f"{wl['n_ctx']} context tokens, rank {wl['rank']}, {wl['method']}, {wl['steps']} step(s) per round; "
         f"{wl['device']}, {wl['threads']} thread(s); median of {wl['repeats']}",
         f"  engine      s/round   {result['engine_s_per_round']:10.4f}",
+        f"  engine, no prefix sharing {result['engine_without_prefix_sharing_s_per_round']:6.4f}  "
+        f"(prefix sharing: {result['prefix_sharing_speedup']:.2f}×)",
         f"  reference   s/round   {result['reference_s_per_round']:10.4f}{scaled}",
         f"  speedup               {result['speedup']:10.1f} ×",
         f"  text tower  GFLOP/s   {result['gflops']:10.1f}  ({result['text_tower_gflop_per_step']:.3f} GFLOP per step, "

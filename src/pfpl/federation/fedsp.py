@@ -84,7 +84,9 @@ def build_context(bench, distilled: bool, log=None) -> FedSPContext:
     train = image_features(aux, bench.dataset, "train", cfg.cache_dir)
     test = image_features(aux, bench.dataset, "test", cfg.cache_dir).to(aux.device)
     report["auxiliary_feature_seconds"] = round(time.perf_counter() - start, 1)
-    tower = PromptTower(aux, names, cfg.prompt.n_ctx, max_sequences=cfg.train.max_sequences)
+    tower = PromptTower(
+        aux, names, cfg.prompt.n_ctx, max_sequences=cfg.train.max_sequences, share_prefix=cfg.train.share_prefix
+    )
     server_data = (server.features.to(bench.device), server.labels.to(bench.device))
     return FedSPContext(aux, tower, train, test, server_data, text_body(aux), report)
 

@@ -208,7 +208,11 @@ class Benchmark:
         self._fedsp: dict[bool, object] = {}
         self.plan = EvalPlan.build(self.partition, self.train, self.test)
         self.tower = PromptTower(
-            self.backbone, self.dataset.classnames, cfg.prompt.n_ctx, max_sequences=cfg.train.max_sequences
+            self.backbone,
+            self.dataset.classnames,
+            cfg.prompt.n_ctx,
+            max_sequences=cfg.train.max_sequences,
+            share_prefix=cfg.train.share_prefix,
         )
         self.reference = zero_shot_text_features(self.backbone, self.dataset.classnames, cfg.prompt.template)
 
