@@ -89,7 +89,12 @@ class TrainConfig(Section):
     rank: int = Field(8, ge=1, description="rank of DP-FPL / DP-LoRA / FedPGP local factors")
     fedpgp_mu: float = Field(1.0, ge=0)
     fedpgp_temperature: float = Field(0.5, gt=0)
-    max_sequences: int = Field(4096, ge=1, description="text-tower sequences per chunk (memory budget)")
+    max_sequences: int = Field(
+        4096,
+        ge=1,
+        description="memory budget: text-tower sequences alive at once; a training call takes this // classes "
+        "clients (// classes × batch size under per-sample DP, which backpropagates every record)",
+    )
     share_prefix: bool = Field(
         True, description="run a shared context's [SOS] ctx positions once per prompt set, not once per class"
     )

@@ -8,6 +8,7 @@ import json
 import math
 import uuid
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -248,3 +249,35 @@ def test_fedsp_bench_times_both_clients_side_by_side(tmp_path):
     assert result["bytes_per_round"]["upload"] == 2 * 64 * 4 and result["bytes_per_round"]["body_once"] > 0
     assert 0 < result["parameters"]["auxiliary_transformer_share"] <= 0.5
     assert "FedSP client / PromptFL client" in format_fedsp(result)
+
+
+def test_scaling_bench_splits_clients_by_the_budget_and_reports_each_row(tmp_path):
+    from pfpl.benchmarks.scaling import format_scaling, run_scaling_bench, scaled_clients
+
+    tiny = (
+        "data.train_per_class_domain=1",
+        "data.val_per_class_domain=1",
+        "data.test_per_class_domain=1",
+        "prompt.n_ctx=2",
+        "train.rank=1",
+        "train.max_sequences=80",  # two clients' 40 classes per call
+        f"cache_dir='{tmp_path / 'cache'}'",
+    )
+    result = run_scaling_bench(clients=(3, 6), steps=1, repeats=1, overrides=tiny)
+    rows = result["rows"]
+    assert [(r["clients"], r["max_sequences"], r["calls_per_step"]) for r in rows] == [
+        (3, 80, 2),
+        (6, 80, 3),
+        (6, 240, 1),  # the largest count again, in one call
+    ]
+    for r in rows:
+        assert r["s_per_round"] > 0 and r["peak_rss_mib"] >= r["rss_before_training_mib"] > 0
+        assert r["ms_per_client_step"] == pytest.approx(1e3 * r["s_per_round"] / r["clients"])
+    spread = max(r["ms_per_client_step"] for r in rows[:2]) / min(r["ms_per_client_step"] for r in rows[:2])
+    assert result["client_step_spread"] == pytest.approx(spread)
+    assert "ms/client-step" in format_scaling(result)
+
+    labels = np.repeat(np.arange(40), 5)
+    clients = scaled_clients(labels, 7, classes=4, records=12)
+    assert len(clients) == 7 and all(len(c) == 12 and len(np.unique(labels[c])) <= 4 for c in clients)
+    assert len({tuple(c) for c in clients}) == 7  # clients differ

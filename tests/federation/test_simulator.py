@@ -134,6 +134,42 @@ def test_one_client_calls_equal_the_vectorized_round(world, name, sync, sampling
         assert together.participations.min() < 2  # someone sat a round out
 
 
+@pytest.mark.parametrize("name", ["dpfpl", "promptfl", "fedpgp"])
+@pytest.mark.parametrize("sync, sampling", [("step", "shuffle"), ("fedavg", "poisson")])
+def test_the_memory_budget_splits_clients_into_calls_with_the_same_result(world, name, sync, sampling):
+    """A sequence budget of two clients' classes trains 3 clients in calls of 2 and 1, to the same end."""
+    tower, train, clients, reference = world
+    budget = PromptTower(tower.backbone, tower.classnames, n_ctx=4, max_sequences=2 * tower.num_classes + 1)
+    together, split = (
+        _sim(world, name, sync=sync, sampling=sampling),
+        _sim((budget, train, clients, reference), name, sync=sync, sampling=sampling),
+    )
+    assert together.clients_per_call >= 3 and split.clients_per_call == 2
+    widths = []
+    update = split.update.__call__
+    split.update = lambda shared, state, *a: widths.append(len(state.clients)) or update(shared, state, *a)
+    for _ in range(2):
+        together.run_round(), split.run_round()
+    assert set(widths) == {2, 1}
+    for x, y in [(together.params, split.params), (together.momentum, split.momentum)]:
+        for k in x:
+            assert torch.allclose(x[k], y[k], rtol=1e-5, atol=1e-5), (k, float((x[k] - y[k]).abs().max()))
+
+
+def test_per_sample_dp_counts_every_records_backward_against_the_budget(world):
+    from pfpl.privacy.mechanisms import PerSampleDP
+
+    tower, train, clients, _ = world
+    budget = PromptTower(tower.backbone, tower.classnames, n_ctx=4, max_sequences=2 * 8 * tower.num_classes)
+    settings = TrainSettings(rounds=1, local_steps=1, batch_size=8)
+    method = get_method("dpfpl")(MethodSettings(rank=2))
+    plain = Simulator(method, budget, ClientData(train, clients), settings, scale=20.0)
+    private = Simulator(
+        method, budget, ClientData(train, clients), settings, 20.0, mechanism=PerSampleDP(1.0, 0.0, ("u", "v"))
+    )
+    assert plain.clients_per_call == 16 and private.clients_per_call == 2  # 8 records' graphs per client
+
+
 def test_a_client_draws_the_same_alone_as_in_any_batch(world):
     """Batches, factorization starts and noise of client 1 do not depend on who else trains."""
     tower, train, clients, _ = world

@@ -52,8 +52,8 @@ def _qkv(attn: nn.MultiheadAttention, x: torch.Tensor) -> tuple[torch.Tensor, to
     """Queries, keys, values ``[N, H, L, Dh]`` of ``x`` ``[N, L, D]``, with the block's projections."""
     n, length, _ = x.shape
     qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
-    qkv = qkv.view(n, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    return qkv[0], qkv[1], qkv[2]
+    q, k, v = qkv.view(n, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -87,19 +87,25 @@ def prefix_shared_features(
     ones = torch.ones(s, p + s, dtype=torch.bool, device=prefix.device)
     mask = torch.cat([ones[:, :p], torch.tril(ones[:, p:])], dim=1)  # suffix i sees the prefix and suffix ≤ i
     causal = torch.tril(torch.ones(p, p, dtype=torch.bool, device=prefix.device))
-    for blk in tower.transformer.resblocks:
-        attn = blk.attn
+    at = (eot.to(prefix.device) - p).repeat(b)  # each sequence's EOT, counted within its suffix
+    rows = torch.arange(b * c, device=prefix.device)
+    blocks = list(tower.transformer.resblocks)
+    for i, blk in enumerate(blocks):
+        attn, last = blk.attn, i == len(blocks) - 1
         qp, kp, vp = _qkv(attn, blk.ln_1(xp))
-        xp = xp + blk.ls_1(_merge(attn, _attend(qp, kp, vp, causal)))
-        xp = xp + blk.ls_2(blk.mlp(blk.ln_2(xp)))
+        if not last:  # the last block reads only the prefix's keys and values, never its outputs
+            xp = xp + blk.ls_1(_merge(attn, _attend(qp, kp, vp, causal)))
+            xp = xp + blk.ls_2(blk.mlp(blk.ln_2(xp)))
         qs, ks, vs = _qkv(attn, blk.ln_1(xs))
         h, dh = attn.num_heads, attn.head_dim
         k = torch.cat([kp[:, None].expand(b, c, h, p, dh).reshape(b * c, h, p, dh), ks], dim=2)
         v = torch.cat([vp[:, None].expand(b, c, h, p, dh).reshape(b * c, h, p, dh), vs], dim=2)
-        xs = xs + blk.ls_1(_merge(attn, _attend(qs, k, v, mask)))
+        allowed = mask
+        if last:  # only the EOT position is pooled: the last block runs its query and MLP alone
+            xs, qs, allowed = xs[rows, at][:, None], qs[rows, :, at][:, :, None], mask[at][:, None, None]
+        xs = xs + blk.ls_1(_merge(attn, _attend(qs, k, v, allowed)))
         xs = xs + blk.ls_2(blk.mlp(blk.ln_2(xs)))
-    at = (eot.to(prefix.device) - p).repeat(b)
-    x = tower.ln_final(xs[torch.arange(b * c, device=xs.device), at])
+    x = tower.ln_final(xs[:, 0])
     if tower.text_projection is not None:
         x = tower.text_projection(x) if isinstance(tower.text_projection, nn.Linear) else x @ tower.text_projection
     return x.reshape(b, c, -1)

@@ -86,6 +86,11 @@ def add_parser(sub) -> None:
         "--fedsp", action="store_true", help="time a FedSP client against a PromptFL client with the full model"
     )
     p.add_argument(
+        "--scaling",
+        action="store_true",
+        help="seconds per round and client-step, and peak memory, of the embedded default with 10, 100, 1000 clients",
+    )
+    p.add_argument(
         "--flower",
         action="store_true",
         help="time a round on a local Flower federation against the simulator, with and without secure aggregation",
@@ -112,7 +117,13 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     )
 
 
-STANDALONE = ("flower", "fedsp", "secpc", "secagg")  # --flower, …: each module has run_<flag>_bench, format_<flag>
+STANDALONE = (
+    "flower",
+    "fedsp",
+    "secpc",
+    "secagg",
+    "scaling",
+)  # --flower, …: each module has run_<flag>_bench, format_<flag>
 
 
 def command(args: argparse.Namespace) -> int:

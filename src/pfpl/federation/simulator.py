@@ -2,10 +2,12 @@
 
 All participating clients train together: their rows are gathered from ``[N, ...]`` tables, one
 :class:`~pfpl.federation.client.ClientUpdate` call serves all of them (one text-tower call for
-every client's classes, ``[clients × classes, L, D]``, chunked by the tower), and the server
-combines their uploads. With ``one_client_calls`` the same round runs as B separate one-client
-calls, each drawing its own batches — what a deployment with one client per node does; the
-results are the same.
+every client's classes, ``[clients × classes, L, D]``), and the server combines their uploads.
+The tower's memory budget (``max_sequences``: text-tower sequences whose activations are alive at
+once) splits the participants into calls of at most ``max_sequences // classes`` clients, so peak
+memory does not grow with the number of clients. With ``one_client_calls`` the same round runs as
+B separate one-client calls, each drawing its own batches — what a deployment with one client per
+node does; the results are the same either way.
 
 Randomness comes from per-client named streams (:mod:`pfpl.streams`), so a run resumed from the
 checkpoint of round r continues exactly as the uninterrupted run would.
@@ -70,8 +72,13 @@ class Simulator:
         # a method with several stages (FedSP) draws fresh batches for each: steps a record may meet
         self.steps_per_round = self.local_steps * len(method.stages())
         self.one_client_calls = one_client_calls
-        self.phases = list(phases or [])
         self.update = ClientUpdate(method, tower, settings, scale, reference, mechanism)
+        # clients per client-update call: the tower's sequence budget over each client's C sequences
+        # (C per record of its batch when the mechanism backpropagates every record at once)
+        per_record = getattr(self.update.mechanism, "per_record_backward", False)
+        alive = tower.num_classes * (settings.batch_size if per_record else 1)
+        self.clients_per_call = max(1, tower.max_sequences // alive)
+        self.phases = list(phases or [])
         n_ctx, dim = tower.n_ctx, tower.backbone.ctx_dim
         shared = method.init_shared(n_ctx, dim, stream(settings.seed, Purpose.INIT_SHARED))
         self.server = Server(
@@ -153,22 +160,29 @@ class Simulator:
         ]
 
     def _exchange(self, state: ClientState, batches, sizes: torch.Tensor, r: int, step: int, steps: slice) -> Upload:
-        """One client-update call for every participant (or one per participant), then the server."""
+        """Client-update calls for the participants (as many as the memory budget needs, or one per
+        participant), then the server."""
         if len(state.clients) == 0:
             upload = self.server.empty_upload()
-        elif not self.one_client_calls:
+        elif self.one_client_calls:
+            upload = self._calls(state, 1, lambda i, j: batches[i][steps], sizes, r, step)
+        elif len(state.clients) <= self.clients_per_call:
             upload = self.update(self.server.broadcast(state.clients), state, batches[steps], sizes, r, step)
         else:
-            parts = []
-            for i in range(len(state.clients)):
-                one = state.rows(i, i + 1)
-                parts.append(
-                    self.update(self.server.broadcast(one.clients), one, batches[i][steps], sizes[i : i + 1], r, step)
-                )
-                state.write_rows(i, one)
-            upload = Upload.concat(parts)
+            rows = lambda i, j: [b.rows(i, j) for b in batches[steps]]
+            upload = self._calls(state, self.clients_per_call, rows, sizes, r, step)
         self.server.receive(upload, r, step)
         return upload
+
+    def _calls(self, state: ClientState, width: int, batches_of, sizes: torch.Tensor, r: int, step: int) -> Upload:
+        """The participants in client-update calls of at most ``width`` clients each."""
+        parts = []
+        for i in range(0, len(state.clients), width):
+            j = min(i + width, len(state.clients))
+            part = state.rows(i, j)
+            parts.append(self.update(self.server.broadcast(part.clients), part, batches_of(i, j), sizes[i:j], r, step))
+            state.write_rows(i, part)
+        return Upload.concat(parts)
 
     def run_round(self) -> dict[str, float]:
         """One round: every participant takes ``local_steps`` steps; the server syncs the shared part."""

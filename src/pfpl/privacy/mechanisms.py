@@ -46,6 +46,10 @@ class StepLoss:
 
 
 class GradientMechanism(Protocol):
+    """A mechanism that backpropagates once per record (``per_record_backward = True``, as
+    :class:`PerSampleDP`) keeps a batch of per-record graphs alive: the simulator sizes its
+    client-update calls by that."""
+
     def __call__(
         self, step: StepLoss, normaliser: torch.Tensor, noise: Sequence[torch.Generator]
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -130,6 +134,7 @@ class PerSampleDP:
     clip: float
     noise_multiplier: float
     private_leaves: tuple[str, ...]
+    per_record_backward = True  # not a field: every record's backward runs at once
 
     def __call__(self, step, normaliser, noise):
         err, _, loss = per_sample_text_grads(step)
