@@ -50,3 +50,7 @@ class ProtocolError(PfplError):
 
 class DeploymentError(PfplError):
     """A federation that cannot start or go on (a SuperLink or SuperNodes missing, too few answers)."""
+
+
+class ArtifactError(PfplError):
+    """A prompt artifact that cannot be written, read or used (missing, tampered, wrong backbone)."""

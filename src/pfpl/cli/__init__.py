@@ -11,10 +11,10 @@ import argparse
 import logging
 import sys
 
-from pfpl.cli import audit, bench, flower, pretrain, quality, run, sweep, zeroshot
+from pfpl.cli import audit, bench, export, flower, inspect_prompt, predict, pretrain, quality, run, sweep, zeroshot
 from pfpl.errors import PfplError
 
-COMMANDS = (run, sweep, audit, zeroshot, quality, bench, pretrain, flower)
+COMMANDS = (run, sweep, audit, export, inspect_prompt, predict, zeroshot, quality, bench, pretrain, flower)
 
 
 def build_parser() -> argparse.ArgumentParser:

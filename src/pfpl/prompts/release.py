@@ -1,0 +1,115 @@
+"""From a finished run folder to one client's prompt artifact, with its privacy certificate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pfpl.artifacts import RunFolder
+from pfpl.errors import ArtifactError
+from pfpl.prompts.artifact import PromptArtifact
+
+_CERTIFICATE_FIELDS = (
+    "delta",
+    "adjacency",
+    "unit",
+    "clip",
+    "noise_multiplier",
+    "global_noise_multiplier",
+    "sampling",
+    "accountant",
+    "epsilon_kind",
+)
+
+
+def certificate(summary: dict, method: str, client: int, audit: dict | None) -> dict[str, Any]:
+    """What the run's accountant (and audit, if any) says about this client's released prompt."""
+    entry = summary["methods"][method]
+    privacy = entry.get("privacy") or {}
+    per_client = entry.get("epsilon_per_client") or []
+    epsilon = per_client[client] if client < len(per_client) else None
+    mode = privacy.get("mode", "off")
+    formal = epsilon is not None and mode in ("feature", "per-sample") and not privacy.get("nominal", False)
+    guarantee = privacy.get("guarantee", "none")
+    setup = summary.get("setup", {})
+    out: dict[str, Any] = {
+        "method": method,
+        "dp_mode": mode,
+        "epsilon": epsilon,  # None: no finite bound (∞)
+        **{k: privacy.get(k) for k in _CERTIFICATE_FIELDS},
+        "rounds": setup.get("rounds"),
+        "local_steps_per_round": setup.get("local_steps"),
+        "client_level_epsilon": entry.get("client_level_epsilon"),
+        "formal_guarantee": formal,
+        "guarantee": guarantee if formal else f"no formal guarantee ({guarantee})",
+        "audit": None,
+    }
+    if audit and method in audit.get("methods", {}):
+        report = audit["methods"][method]
+        rows = list(report.get("attacks", {}).values())
+        mine = report.get("per_client", {}).get(str(client), {}).get("attacks", {})
+        out["audit"] = {
+            "auc_max": max((r["auc"] for r in rows), default=None),
+            "eps_lower_bound_max": max((r["eps_lower_bound"] for r in rows), default=None),
+            "client_eps_lower_bound_max": max((r["eps_lower_bound"] for r in mine.values()), default=None),
+            "attacks": sorted(report.get("attacks", {})),
+        }
+    return out
+
+
+def export_prompt(run_dir: Path | str, method: str, client: int) -> PromptArtifact:
+    """Client ``client``'s released prompt of ``method`` in the run at ``run_dir``."""
+    from pfpl.algorithms import AUXILIARY_METHODS
+    from pfpl.config import build_config
+    from pfpl.data import build_dataset
+
+    folder = RunFolder(run_dir)
+    if not folder.has_config():
+        raise ArtifactError(f"{run_dir} is not a pfpl run folder (no config.json)")
+    if not folder.has_summary():
+        raise ArtifactError(f"run {run_dir} has not finished (no summary.json); finish it with pfpl run --resume")
+    summary = folder.read_summary()
+    trained = sorted(summary["methods"])
+    if method not in trained:
+        raise ArtifactError(f"run {run_dir} has no method {method!r}; it trained: {', '.join(trained)}")
+    if method in AUXILIARY_METHODS:
+        raise ArtifactError(
+            f"{method}'s prompt is trained for its auxiliary model, not the backbone; exporting it is not supported"
+        )
+    if not folder.prompts_file(method).is_file():
+        raise ArtifactError(
+            f"run {run_dir} kept no released prompts for {method} (a Flower run keeps them on its SuperNodes)"
+        )
+    prompts = folder.load_prompts(method)
+    n = int(prompts.context.shape[0])
+    if not 0 <= client < n:
+        raise ArtifactError(f"--client {client} is out of range: the run has clients 0 … {n - 1}")
+    state = folder.load_checkpoint()
+    cfg = build_config(state["config"])
+    fingerprint = state.get("fingerprints", {}).get("backbone")
+    if not fingerprint:
+        raise ArtifactError(f"run {run_dir}'s checkpoint records no backbone fingerprint (made by an older pfpl)")
+    audit_file = folder.file("audit.json")
+    audit = None
+    if audit_file.is_file():
+        import json
+
+        audit = json.loads(audit_file.read_text())
+    per_client = summary["methods"][method].get("per_client", {})
+    provenance = {
+        "run": str(Path(run_dir).resolve()),
+        "dataset": cfg.data.dataset,
+        **{f"{k}_accuracy": v[client] for k, v in per_client.items() if client < len(v)},
+    }
+    return PromptArtifact(
+        context=prompts.context[client],
+        classnames=list(build_dataset(cfg.data).classnames),
+        template=cfg.prompt.template,
+        backbone=cfg.backbone.name,
+        backbone_pretrained=cfg.backbone.pretrained,
+        backbone_fingerprint=fingerprint,
+        method=method,
+        client=client,
+        certificate=certificate(summary, method, client, audit),
+        provenance=provenance,
+    )
