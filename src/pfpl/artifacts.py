@@ -245,8 +245,10 @@ def plot_accuracy(history: list[dict], zero_shot: dict, title: str = ""):
                 if kind == "none"
                 else f"{m} (ε = {'∞' if eps is None else f'{eps:.3g}'}" + (", nominal)" if kind == "nominal" else ")")
             )
-            ax.plot([r["round"] for r in rows], [r[key] for r in rows], marker="o", ms=3, label=label, color=f"C{i}")
-        ax.axhline(zero_shot[key], ls="--", color="gray", label="zero-shot")
+            values = [float("nan") if r[key] is None else r[key] for r in rows]  # None: nothing to measure
+            ax.plot([r["round"] for r in rows], values, marker="o", ms=3, label=label, color=f"C{i}")
+        if zero_shot.get(key) is not None:
+            ax.axhline(zero_shot[key], ls="--", color="gray", label="zero-shot")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"{key} accuracy")
         ax.set_xlabel("round")

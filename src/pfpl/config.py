@@ -28,8 +28,40 @@ class BackboneConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+# the dataset registry's names (pfpl.data.DATASETS; a test keeps the two equal)
+DATASET_NAMES = (
+    "shapes",
+    "caltech101",
+    "oxford_pets",
+    "oxford_flowers",
+    "food101",
+    "dtd",
+    "eurosat",
+    "stanford_cars",
+    "fgvc_aircraft",
+    "sun397",
+    "ucf101",
+    "imagenet",
+    "cifar10",
+    "cifar100",
+    "domainnet",
+    "office_home",
+    "pacs",
+)
+
+
 class DataConfig(Section):
-    dataset: Literal["shapes"] = "shapes"
+    dataset: Literal[DATASET_NAMES] = Field("shapes", description="'shapes' (embedded world) or an on-disk dataset")
+    root: Path | None = Field(None, description="folder holding the on-disk dataset's own folder (see README)")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="on-disk datasets without a val split: share held out")
+    test_fraction: float = Field(0.2, ge=0, lt=1, description="per-domain datasets without split files: test share")
+    workers: int = Field(2, ge=0, description="DataLoader workers decoding images for the one-time feature extraction")
+    max_unreadable: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="share of a split's images that may be unreadable (skipped, counted); past it: error",
+    )
     seed: int = Field(0, ge=0)
     train_per_class_domain: int = Field(20, ge=1)
     val_per_class_domain: int = Field(4, ge=1)

@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
 def command(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.overwrite:
         raise ArtifactError(f"--out {args.out} exists; pass --overwrite to replace it")
-    from pfpl.prompts.release import export_prompt
+    from pfpl.federation.release import export_prompt
 
     artifact = export_prompt(args.run_dir, args.method, args.client)
     artifact.save(args.out)

@@ -30,10 +30,21 @@ class SplitData:
         return len(self.labels)
 
 
+class UnreadableImage(DatasetError):
+    """One image that cannot be decoded; feature extraction skips and counts these (``max_unreadable``)."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"cannot read image {path} ({reason})")
+        self.path = path
+
+
 class VisionDataset(ABC):
     name: str
     classnames: list[str]
     domainnames: list[str]
+    parallel_load = False  # whether DataLoader workers may call split(...).load (each worker its own copy)
+    workers = 0  # DataLoader workers for the one-time feature extraction
+    max_unreadable = 0.0  # fraction of a split's images that may be unreadable (skipped and counted)
 
     @property
     @abstractmethod

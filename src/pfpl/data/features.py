@@ -18,7 +18,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from pfpl.data.base import VisionDataset
+from pfpl.data.base import UnreadableImage, VisionDataset
+from pfpl.errors import DatasetError
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -101,17 +102,65 @@ def _write(path: Path, key: str, feats: Features, meta: dict[str, str]) -> None:
     os.replace(tmp, path)
 
 
+class _Preprocessed(torch.utils.data.Dataset):
+    """Image i preprocessed, or None when it cannot be read (skipped and counted by the caller)."""
+
+    def __init__(self, load, preprocess, n: int):
+        self.load, self.preprocess, self.n = load, preprocess, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.preprocess(self.load(i)), None
+        except UnreadableImage as exc:
+            return i, None, str(exc)
+
+
+def _collate(items):
+    return items
+
+
 @torch.no_grad()
 def encode_split(encoder: ImageEncoder, dataset: VisionDataset, split: str, batch_size: int = 256) -> Features:
-    """Run the frozen image tower over one split (no cache)."""
+    """Run the frozen image tower over one split (no cache): a DataLoader with the dataset's workers
+    decodes and preprocesses, a progress bar shows on a terminal, unreadable images are skipped and
+    counted (fatal past ``dataset.max_unreadable`` of the split)."""
+    import sys
+
+    from tqdm import tqdm
+
     data = dataset.split(split)
-    chunks = []
-    for start in range(0, len(data), batch_size):
-        batch = [encoder.preprocess(data.load(i)) for i in range(start, min(start + batch_size, len(data)))]
-        chunks.append(encoder.encode_images(torch.stack(batch)).float().cpu())
+    workers = dataset.workers if dataset.parallel_load else 0
+    loader = torch.utils.data.DataLoader(
+        _Preprocessed(data.load, encoder.preprocess, len(data)),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+    )
+    chunks, kept, bad = [], [], []
+    bar = tqdm(loader, desc=f"{dataset.name} {split} features", unit="batch", disable=not sys.stderr.isatty())
+    for items in bar:
+        good = [(i, x) for i, x, _ in items if x is not None]
+        bad += [why for _, x, why in items if x is None]
+        if good:
+            kept += [i for i, _ in good]
+            chunks.append(encoder.encode_images(torch.stack([x for _, x in good])).float().cpu())
+    if bad:
+        share = len(bad) / max(1, len(data))
+        if share > dataset.max_unreadable:
+            raise DatasetError(
+                f"{len(bad)} of {len(data)} {split} images of {dataset.name} are unreadable ({share:.1%}, more than "
+                f"data.max_unreadable = {dataset.max_unreadable:.1%}); first: {bad[0]}"
+            )
+        log.warning("skipped %d unreadable %s image(s) of %s; first: %s", len(bad), split, dataset.name, bad[0])
     feats = torch.cat(chunks) if chunks else torch.empty(0, 0)
+    index = torch.as_tensor(kept, dtype=torch.long)
     return Features(
-        feats, torch.as_tensor(data.labels, dtype=torch.long), torch.as_tensor(data.domains, dtype=torch.long)
+        feats,
+        torch.as_tensor(data.labels, dtype=torch.long)[index],
+        torch.as_tensor(data.domains, dtype=torch.long)[index],
     )
 
 

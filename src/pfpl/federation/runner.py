@@ -269,6 +269,10 @@ def _finite(value: float) -> float | None:
 HEADLINE = ("local", "neighbor", "neighbor_same_domain", "cross_domain")
 
 
+def _percent(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.2f}%"
+
+
 def _headline(result: dict) -> dict:
     """The mean ± std of every accuracy the evaluation plan has."""
     return {k: result[k] for key in HEADLINE for k in (key, f"{key}_std") if k in result}
@@ -501,12 +505,12 @@ def run(
             row = history[-1]
             eps = "∞" if row["epsilon"] is None else f"{row['epsilon']:.3g}"
             log.info(
-                "%s round %d/%d: local %.2f%%, neighbor %.2f%%, ε %s, %.1f s",
+                "%s round %d/%d: local %s, neighbor %s, ε %s, %.1f s",
                 name,
                 sim.round,
                 cfg.federation.rounds,
-                100 * row["local"],
-                100 * row["neighbor"],
+                _percent(row["local"]),
+                _percent(row["neighbor"]),  # None where no class is held only by others
                 eps,
                 row["seconds"],
             )
