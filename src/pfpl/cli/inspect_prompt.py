@@ -36,40 +36,24 @@ def command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info))
         return 0
-    cert = info["certificate"]
-    print(f"{args.file}: {info['method']} prompt of client {info['client']}, context {info['context_shape']}")
-    print(f"  backbone      {info['backbone']} (fingerprint {info['backbone_fingerprint']})")
-    print(
-        f"  classes       {len(info['classnames'])}: {', '.join(info['classnames'][:8])}"
-        + (" …" if len(info["classnames"]) > 8 else "")
-    )
-    print(f"  template      {info['template']}")
+    cert, names = info["certificate"], info["classnames"]
     eps = "∞ (no finite bound)" if cert["epsilon"] is None else f"{cert['epsilon']:.4g}"
-    print(f"  privacy       {cert['guarantee']}")
-    print(f"  ε, δ          {eps}, {cert['delta']}")
-    for key in (
-        "dp_mode",
-        "adjacency",
-        "unit",
-        "clip",
-        "noise_multiplier",
-        "global_noise_multiplier",
-        "sampling",
-        "accountant",
-        "rounds",
-        "local_steps_per_round",
-        "client_level_epsilon",
-    ):
-        print(f"  {key:<24} {cert.get(key)}")
     audit = cert.get("audit")
-    print(
-        "  audit         "
-        + (
-            "not audited"
-            if not audit
-            else f"AUC {audit['auc_max']:.3f}, ε lower bound {audit['eps_lower_bound_max']:.3g}"
-        )
-    )
-    for key, value in info["provenance"].items():
-        print(f"  {key:<24} {value}")
+    rows = [
+        ("backbone", f"{info['backbone']} (fingerprint {info['backbone_fingerprint']})"),
+        ("classes", f"{len(names)}: {', '.join(names[:8])}" + (" …" if len(names) > 8 else "")),
+        ("template", info["template"]),
+        ("privacy", cert["guarantee"]),
+        ("ε, δ", f"{eps}, {cert['delta']}"),
+        # the rest of the certificate, as exported
+        *[(k, v) for k, v in cert.items() if k not in {"method", "epsilon", "delta", "guarantee", "audit"}],
+        (
+            "audit",
+            f"AUC {audit['auc_max']:.3f}, ε lower bound {audit['eps_lower_bound_max']:.3g}" if audit else "not audited",
+        ),
+        *info["provenance"].items(),
+    ]
+    print(f"{args.file}: {info['method']} prompt of client {info['client']}, context {info['context_shape']}")
+    for label, value in rows:
+        print(f"  {label:<24} {value}")
     return 0
