@@ -48,12 +48,12 @@ def make_domains(root, name: str, classes=("cat", "dog", "ice_cream"), per_class
                 _image(root / folder / d / c / f"{i}.png", y)
 
 
-def make_cifar(root, name: str, per_class=(4, 2)) -> None:
+def make_cifar(root, name: str, per_class=(4, 2), classes: int = 3) -> None:
     base = root / CIFAR[name]
     base.mkdir(parents=True)
     hundred = name == "cifar100"
     labels_key = b"fine_labels" if hundred else b"labels"
-    names = [b"apple", b"aquarium_fish", b"bear"]
+    names = [b"apple", b"aquarium_fish", b"bear", *[f"class_{i}".encode() for i in range(3, classes)]]
     meta = {b"fine_label_names" if hundred else b"label_names": names}
     files = (
         [("train", per_class[0]), ("test", per_class[1])]
@@ -232,3 +232,50 @@ def test_two_rounds_train_on_a_folder(tmp_path, name, make, extra):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["methods"]) == {"dpfpl", "promptfl"}
     assert all(0 <= m["local"] <= 1 for m in summary["methods"].values())
+
+
+RECIPES = sorted((__import__("pathlib").Path(__file__).parents[2] / "configs" / "paper").glob("*.toml"))
+
+
+def test_every_paper_recipe_validates_with_its_epsilon_grid():
+    import open_clip
+
+    from pfpl.federation.sweep import sweep_configs
+
+    assert len(RECIPES) == 6
+    for path in RECIPES:
+        cfg = load_config(path, ["data.root='/data'"])
+        assert cfg.backbone.name in open_clip.list_models() and cfg.data.dataset in DATASETS
+        assert cfg.dp.mode == "per-sample" and cfg.dp.clip == 10.0 and cfg.federation.rounds == 100
+        assert set(sweep_configs(cfg, [0.4, 0.2, 0.1, float("inf")])) == {"0.4", "0.2", "0.1", "inf"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_each_paper_recipe_runs_two_rounds_on_a_fake_dataset_with_its_architecture(tmp_path, recipe):
+    """The recipe as written (random weights of its architecture: none are downloaded), on a fake
+    dataset of its layout, shortened to two rounds of one step and DP-FPL alone."""
+    from pfpl.cli import main
+
+    cfg = load_config(recipe, ["data.root='/data'"])
+    data = tmp_path / "data"
+    if cfg.data.dataset == "cifar100":
+        make_cifar(data, "cifar100", per_class=(40, 2), classes=10)  # 10 of CIFAR-100's classes
+    else:
+        make_coop(data, cfg.data.dataset, classes=[f"class_{i}" for i in range(10)], per_split=(2, 1, 1))
+    sets = [
+        f"data.root='{data}'",
+        "data.workers=0",
+        "federation.rounds=2",
+        "federation.local_steps=1",
+        "federation.batch_size=2",
+        "train.methods=['dpfpl']",
+        "dp.target_epsilon=1.0",
+        f"cache_dir='{tmp_path / 'cache'}'",
+    ]
+    out = tmp_path / "run"
+    args = ["run", "-q", "--json", "--config", str(recipe), "--out", str(out), *[a for s in sets for a in ("--set", s)]]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["setup"]["backbone"] == f"{cfg.backbone.name}:random"  # the named architecture, random weights
+    assert summary["methods"]["dpfpl"]["epsilon"] <= 1.0 + 1e-9
