@@ -149,6 +149,10 @@ def test_domainnets_own_split_lists_are_used(tmp_path):
         (base / f"{d}_test.txt").write_text("".join(f"{r} 0\n" for r in rel[10:]))
     ds = build_dataset(_cfg(tmp_path, "domainnet", "data.val_fraction=0.2"))
     assert len(ds.split("test")) == 10 and len(ds.split("train")) + len(ds.split("val")) == 20
+    with open(base / "clipart_test.txt", "a") as f:
+        f.write("clipart/cat/gone.png 0\n")
+    with pytest.raises(DatasetError, match="name 1 image\\(s\\) missing.*clipart/cat/gone.png"):
+        build_dataset(_cfg(tmp_path, "domainnet"))
 
 
 def _one_line(exc) -> str:

@@ -201,23 +201,17 @@ def clean_name(name: str) -> str:
     return " ".join(name.replace("_", " ").split())
 
 
-def read_aircraft(root: Path, seed: int) -> Listing:
+def read_aircraft(root: Path) -> Listing:
     shape = "data.root/fgvc_aircraft/images/*.jpg with images_variant_{train,val,test}.txt (lines '<id> <variant>')"
     base = _need(root / "fgvc_aircraft", "the dataset folder", shape)
-    names: list[str] = []
-    splits: dict[str, list[tuple[Path, int, int]]] = {}
-    for split in SPLITS:
-        lines = _need(base / f"images_variant_{split}.txt", "a split list", shape).read_text().splitlines()
-        rows = []
-        for line in filter(None, (x.strip() for x in lines)):
-            image_id, _, variant = line.partition(" ")
-            if variant not in names:
-                names.append(variant)
-            rows.append((base / "images" / f"{image_id}.jpg", variant, 0))
-        splits[split] = rows
-    names.sort()
+    listed = {  # split -> (image id, variant) pairs
+        split: [line.strip().partition(" ")[::2] for line in lines if line.strip()]
+        for split in SPLITS
+        for lines in [_need(base / f"images_variant_{split}.txt", "a split list", shape).read_text().splitlines()]
+    }
+    names = sorted({variant for pairs in listed.values() for _, variant in pairs})
     index = {n: i for i, n in enumerate(names)}
-    splits = {s: [(p, index[v], d) for p, v, d in rows] for s, rows in splits.items()}
+    splits = {s: [(base / "images" / f"{i}.jpg", index[v], 0) for i, v in pairs] for s, pairs in listed.items()}
     _check_files(splits, base / "images")
     return Listing(names, ["fgvc_aircraft"], splits)
 
@@ -250,10 +244,14 @@ def read_domains(root: Path, folder: str, domains: tuple[str, ...], seed: int, v
         rows = _class_folders(base / domain, classes, domain=k)
         if all(p.is_file() for p in listed):  # DomainNet's own split lists: '<domain>/<class>/<file> <label>'
             by_path = {p.relative_to(base).as_posix(): (p, y, d) for p, y, d in rows}
-            own = [
-                [by_path[x.split()[0]] for x in p.read_text().splitlines() if x.split() and x.split()[0] in by_path]
-                for p in listed
-            ]
+            own = [[x.split()[0] for x in p.read_text().splitlines() if x.split()] for p in listed]
+            missing = [x for names in own for x in names if x not in by_path]
+            if missing:
+                raise DatasetError(
+                    f"{listed[0].name} / {listed[1].name} name {len(missing)} image(s) missing under {base}, "
+                    f"e.g. {missing[0]}"
+                )
+            own = [[by_path[x] for x in names] for names in own]
             tr, va = _hold_out(own[0], val, seed + k)
             te = own[1]
         else:
@@ -380,7 +378,7 @@ def _three_way(rows, val: float, test: float, seed: int):
 def builders() -> dict[str, Callable]:
     """name -> build(root, cfg) for every on-disk dataset."""
     out: dict[str, Callable] = {name: (lambda root, cfg, lay=lay: read_coop(root, lay)) for name, lay in COOP.items()}
-    out["fgvc_aircraft"] = lambda root, cfg: read_aircraft(root, cfg.seed)
+    out["fgvc_aircraft"] = lambda root, cfg: read_aircraft(root)
     out["imagenet"] = lambda root, cfg: read_imagenet(root, cfg.seed, cfg.val_fraction)
     for name, (folder, domains) in DOMAINS.items():
         out[name] = lambda root, cfg, f=folder, d=domains: read_domains(
