@@ -25,6 +25,11 @@ def test_toml_file_and_overrides(tmp_path):
         ("data.colour=1", ["data.colour", "not a known key", "train_per_class_domain"]),
         ("nonsense=1", ["nonsense", "not a known key", "backbone"]),
         ("seed", ["seed", "key=value"]),
+        ("dp.clip_quantile=0", ["dp.clip_quantile", "0", "greater than 0"]),
+        ("dp.clip_quantile=1.5", ["dp.clip_quantile", "1.5", "less than or equal to 1"]),
+        ("dp.lr=-0.1", ["dp.lr", "-0.1", "greater than 0"]),
+        ("dp.momentum=1", ["dp.momentum", "1", "less than 1"]),
+        ("prompt.init=3", ["prompt.init", "3", "string"]),
     ],
 )
 def test_invalid_values_give_one_line_naming_key_value_and_allowed(override, expected):

@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from pfpl.algorithms import AUXILIARY_METHODS, CLUSTERING_METHODS, DEFAULT_METHODS, METHOD_NAMES
 from pfpl.errors import ConfigError
@@ -74,9 +74,38 @@ class DataConfig(Section):
 
 
 class PromptConfig(Section):
+    init: str = Field(
+        "random",
+        description="'random': N(0, init_std²) context vectors; or a phrase, e.g. 'a photo of a': the context "
+        "starts as the phrase's token embeddings (CoOp's ctx_init) and n_ctx defaults to its word count",
+    )
     n_ctx: int = Field(16, ge=1, le=64)
     init_std: float = Field(0.02, gt=0)
     template: str = Field("a photo of a {}.", description="hand-crafted zero-shot template; {} is the class name")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _n_ctx_from_phrase(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "n_ctx" not in data and isinstance(data.get("init"), str):
+            words = data["init"].split()
+            if words and data["init"].strip() != "random":
+                data = {**data, "n_ctx": len(words)}
+        return data
+
+    @field_validator("init")
+    @classmethod
+    def _phrase(cls, value: str) -> str:
+        value = " ".join(value.split())
+        if not value:
+            raise ValueError("must be 'random' or a phrase such as 'a photo of a'")
+        if "{" in value or "}" in value:
+            raise ValueError("is the phrase in front of the class name, without the {} slot, e.g. 'a photo of a'")
+        return value
+
+    @property
+    def phrase(self) -> str | None:
+        """The initialisation phrase, or None for random initialisation."""
+        return None if self.init == "random" else self.init
 
     @field_validator("template")
     @classmethod
@@ -144,6 +173,22 @@ class DPConfig(Section):
     noise_multiplier: float = Field(0.0, ge=0, description="σ when no target_epsilon is given")
     delta: float = Field(1e-5, gt=0, lt=1)
     clip: float = Field(10.0, gt=0, description="per-sample clip norm C")
+    clip_quantile: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="set C to this quantile of the per-record gradient norms measured on the public val split at "
+        "the initial prompt (replaces dp.clip; costs no privacy of the training records)",
+    )
+    lr: float | None = Field(
+        None,
+        gt=0,
+        description="learning rate of private runs; unset: pfpl's default for dp.mode and the target ε "
+        "(chosen on the val split, pfpl.privacy.defaults), or train.lr when σ is given directly",
+    )
+    momentum: float | None = Field(
+        None, ge=0, lt=1, description="momentum of private runs; unset: as dp.lr (train.momentum when σ is given)"
+    )
     sampling: Literal["poisson", "shuffle"] = Field(
         "poisson", description="poisson: amplification by subsampling is claimed"
     )
@@ -304,6 +349,12 @@ def build_config(data: dict[str, Any], overrides: list[str] | None = None, model
 
 def _check_together(cfg: Config) -> None:
     """Values that are valid alone but not together."""
+    phrase = cfg.prompt.phrase
+    if phrase and cfg.prompt.n_ctx != len(phrase.split()):
+        raise ConfigError(
+            f"config error: prompt.init = {phrase!r} starts the context from its {len(phrase.split())} words, but "
+            f"prompt.n_ctx = {cfg.prompt.n_ctx}; set prompt.n_ctx = {len(phrase.split())} or leave it unset"
+        )
     auxiliary = [m for m in cfg.train.methods if m in AUXILIARY_METHODS]
     if auxiliary and cfg.federation.sync != "fedavg":
         raise ConfigError(

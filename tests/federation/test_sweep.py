@@ -31,6 +31,26 @@ def test_sweep_writes_table_and_plot_and_meets_each_target(tmp_path):
     assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["methods"].keys() == {"coop", "dpfpl"}
     again = run_sweep(cfg, [1.0, math.inf], tmp_path / "sweep")  # finished runs are reused, not retrained
     assert again["methods"] == table["methods"]
+    assert table["methods"]["coop"]["1"]["validation"]["local"] is not None  # chosen on val, never on test
+    csv = (tmp_path / "sweep" / "sweep.csv").read_text().splitlines()
+    assert csv[0].endswith(",val_local,val_neighbor") and len(csv) == 5
+
+
+def test_a_sweep_folder_trained_with_another_config_is_refused_before_training(tmp_path):
+    cfg = load_config(None, TINY + [f"cache_dir='{tmp_path / 'c'}'"])
+    run_sweep(cfg, [1.0], tmp_path / "sweep")
+    before = (tmp_path / "sweep" / "eps-1" / "summary.json").read_text()
+    other = load_config(None, TINY + [f"cache_dir='{tmp_path / 'c'}'", "train.rank=2"])
+    with pytest.raises(ConfigError, match=r"eps-1 was trained with another config \(train.rank = 8 there, 2 here\)"):
+        run_sweep(other, [1.0, math.inf], tmp_path / "sweep")
+    assert not (tmp_path / "sweep" / "eps-inf").exists()
+    assert (tmp_path / "sweep" / "eps-1" / "summary.json").read_text() == before
+    # an explicit dp.lr equal to the default for the target trains the same run: reused
+    from pfpl.federation.runner import private_sgd
+
+    lr, _ = private_sgd(sweep_configs(cfg, [1.0])["1"])
+    same = load_config(None, TINY + [f"cache_dir='{tmp_path / 'c2'}'", f"dp.lr={lr}"])
+    assert run_sweep(same, [1.0], tmp_path / "sweep")["methods"] == run_sweep(cfg, [1.0], tmp_path / "sweep")["methods"]
 
 
 def test_bad_epsilons_and_combinations_fail_before_training():

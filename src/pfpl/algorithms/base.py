@@ -67,6 +67,8 @@ class Views:
 class MethodSettings:
     rank: int = 8
     init_std: float = 0.02
+    #: ``[n_ctx, D]`` token embeddings of the initialisation phrase (None: random initialisation)
+    init_ctx: torch.Tensor | None = None
     fedpgp_mu: float = 1.0
     fedpgp_temperature: float = 0.5
     extra: dict = field(default_factory=dict)  # method-specific settings (e.g. SecFPP's clustering)
@@ -117,6 +119,21 @@ class Method(ABC):
         return self.param_of(leaf) in private
 
     # ---- parameters ----------------------------------------------------------------------------
+    def start(self, n_ctx: int, dim: int, gen: torch.Generator) -> torch.Tensor:
+        """Where a method's main context starts: the initialisation phrase's embeddings, or random."""
+        if self.settings.init_ctx is None:
+            return normal((n_ctx, dim), self.settings.init_std, gen)
+        if tuple(self.settings.init_ctx.shape) != (n_ctx, dim):
+            raise ValueError(f"initial context of shape {tuple(self.settings.init_ctx.shape)} for {n_ctx} × {dim}")
+        return self.settings.init_ctx.detach().clone()
+
+    def offset(self, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+        """Where a part added to the main context starts: zero after a phrase (so the sum is the
+        phrase), random otherwise."""
+        if self.settings.init_ctx is None:
+            return normal(shape, self.settings.init_std, gen)
+        return torch.zeros(shape)
+
     @abstractmethod
     def init_shared(self, n_ctx: int, dim: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
         """Initial value of every shared parameter (one copy; the server replicates it per group)."""

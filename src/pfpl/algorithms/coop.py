@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pfpl.algorithms.base import Method, Param, Scope, Views, leaf, normal
+from pfpl.algorithms.base import Method, Param, Scope, Views, leaf
 
 
 class CoOp(Method):
@@ -13,7 +13,7 @@ class CoOp(Method):
         return {}
 
     def init_local(self, n_ctx, dim, gen, held=None):
-        return {"local": normal((n_ctx, dim), self.settings.init_std, gen)}
+        return {"local": self.start(n_ctx, dim, gen)}
 
     def views(self, params, gens):
         local = leaf(params["local"])

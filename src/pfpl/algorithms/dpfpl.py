@@ -8,7 +8,7 @@ noise.
 
 from __future__ import annotations
 
-from pfpl.algorithms.base import Method, Param, Scope, Views, leaf, normal
+from pfpl.algorithms.base import Method, Param, Scope, Views, leaf
 from pfpl.prompts.factorization import eq4_gradient, factorize
 
 
@@ -19,10 +19,10 @@ class DPFPL(Method):
     residual = True
 
     def init_shared(self, n_ctx, dim, gen):
-        return {"global": normal((n_ctx, dim), self.settings.init_std, gen)}
+        return {"global": self.start(n_ctx, dim, gen)}
 
     def init_local(self, n_ctx, dim, gen, held=None):
-        return {"local": normal((n_ctx, dim), self.settings.init_std, gen)}
+        return {"local": self.offset((n_ctx, dim), gen)}
 
     def views(self, params, gens):
         u, v, r = factorize(params["local"].detach(), self.settings.rank, gens)

@@ -3,7 +3,7 @@ FedOTP, without optimal transport)."""
 
 from __future__ import annotations
 
-from pfpl.algorithms.base import Method, Param, Scope, Views, leaf, normal
+from pfpl.algorithms.base import Method, Param, Scope, Views, leaf
 
 
 class FedOTPLite(Method):
@@ -11,10 +11,10 @@ class FedOTPLite(Method):
     params = (Param("global", Scope.GROUP), Param("local", Scope.LOCAL, private=True))
 
     def init_shared(self, n_ctx, dim, gen):
-        return {"global": normal((n_ctx, dim), self.settings.init_std, gen)}
+        return {"global": self.start(n_ctx, dim, gen)}
 
     def init_local(self, n_ctx, dim, gen, held=None):
-        return {"local": normal((n_ctx, dim), self.settings.init_std, gen)}
+        return {"local": self.offset((n_ctx, dim), gen)}
 
     def views(self, params, gens):
         g, local = leaf(params["global"]), leaf(params["local"])

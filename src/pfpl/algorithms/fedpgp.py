@@ -19,11 +19,12 @@ class FedPGP(Method):
     )
 
     def init_shared(self, n_ctx, dim, gen):
-        return {"global": normal((n_ctx, dim), self.settings.init_std, gen)}
+        return {"global": self.start(n_ctx, dim, gen)}
 
     def init_local(self, n_ctx, dim, gen, held=None):
         r, s = self.settings.rank, self.settings.init_std
-        return {"U": normal((n_ctx, r), s, gen), "V": normal((r, dim), s, gen)}
+        # after a phrase U starts at zero and V random: U·V = 0, and both can still move
+        return {"U": self.offset((n_ctx, r), gen), "V": normal((r, dim), s, gen)}
 
     def views(self, params, gens):
         g, u, v = leaf(params["global"]), leaf(params["U"]), leaf(params["V"])

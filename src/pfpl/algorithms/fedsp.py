@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pfpl.algorithms.base import Method, Param, Scope, Stage, Views, leaf, normal
+from pfpl.algorithms.base import Method, Param, Scope, Stage, Views, leaf
 from pfpl.streams import SERVER, Purpose, stream
 
 BODY = "body:"
@@ -53,7 +53,7 @@ class FedSP(Method):
         )
 
     def init_shared(self, n_ctx, dim, gen):
-        return {"prompt": normal((n_ctx, dim), self.settings.init_std, gen)}
+        return {"prompt": self.start(n_ctx, dim, gen)}
 
     def init_local(self, n_ctx, dim, gen, held=None):
         return {BODY + k: v.detach().clone() for k, v in self.body.items()}  # the distilled body, as received

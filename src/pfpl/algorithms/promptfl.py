@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pfpl.algorithms.base import Method, Param, Scope, Views, leaf, normal
+from pfpl.algorithms.base import Method, Param, Scope, Views, leaf
 
 
 class PromptFL(Method):
@@ -11,7 +11,7 @@ class PromptFL(Method):
     params = (Param("global", Scope.GROUP, private=True),)
 
     def init_shared(self, n_ctx, dim, gen):
-        return {"global": normal((n_ctx, dim), self.settings.init_std, gen)}
+        return {"global": self.start(n_ctx, dim, gen)}
 
     def init_local(self, n_ctx, dim, gen, held=None):
         return {}

@@ -49,7 +49,7 @@ class SecFPP(Method):
         self.params = (Param("domain", Scope.GROUP), *local, Param("held", Scope.LOCAL, trainable=False))
 
     def init_shared(self, n_ctx, dim, gen):
-        return {"domain": normal((n_ctx, dim), self.settings.init_std, gen)}
+        return {"domain": self.start(n_ctx, dim, gen)}
 
     def init_local(self, n_ctx, dim, gen, held=None):
         if held is None:

@@ -354,8 +354,8 @@ def audit_run(
         training = ShadowTraining(
             method=m,
             engine=engine,
-            method_settings=method_settings(cfg),
-            config=cfg,
+            method_settings=method_settings(cfg, bench.backbone),
+            config=bench.method_config(m),  # with the clip the run measured (dp.clip_quantile)
             noise_multiplier=sigma,
             released={k: v[groups] for k, v in released.shared.items()},
         )

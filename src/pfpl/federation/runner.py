@@ -25,6 +25,7 @@ from pfpl.algorithms import AUXILIARY_METHODS, get_method
 from pfpl.algorithms.base import Method, MethodSettings
 from pfpl.artifacts import ReleasedPrompts, RunFolder, check_run_folder, clear_folder, plot_accuracy
 from pfpl.backbones import PromptTower, load_backbone
+from pfpl.backbones.openclip import OpenClipBackbone
 from pfpl.config import Config, build_config
 from pfpl.data import build_dataset
 from pfpl.data.clients import ClientData
@@ -36,15 +37,30 @@ from pfpl.evaluation.zeroshot import zero_shot_text_features
 from pfpl.federation.client import TrainSettings, steps_per_round
 from pfpl.federation.simulator import Simulator
 from pfpl.messages import WeightedMean
+from pfpl.privacy.clipping import quantile_clip, record_gradient_norms
+from pfpl.privacy.defaults import private_sgd as private_sgd_default
 from pfpl.privacy.plan import MethodLeaves, PrivacyPlan, TrainingShape, plan_privacy
 from pfpl.privacy.rules import validate_dp
+from pfpl.prompts.coop import phrase_context
 
 Progress = Callable[[str, int, int], None]
 log = logging.getLogger(__name__)
 
 
+def private_sgd(cfg: Config) -> tuple[float, float]:
+    """(learning rate, momentum) of this run: train's for a non-private run, dp's (or pfpl's default for
+    the mechanism and target ε, :mod:`pfpl.privacy.defaults`) for a private one."""
+    t, dp = cfg.train, cfg.dp
+    if dp.mode == "off":
+        return t.lr, t.momentum
+    chosen = private_sgd_default(dp.mode, dp.target_epsilon) if dp.target_epsilon else None
+    lr, momentum = chosen or (t.lr, t.momentum)
+    return (dp.lr if dp.lr is not None else lr), (dp.momentum if dp.momentum is not None else momentum)
+
+
 def train_settings(cfg: Config) -> TrainSettings:
     f, t = cfg.federation, cfg.train
+    lr, momentum = private_sgd(cfg)
     sampling = cfg.dp.sampling if cfg.dp.mode != "off" else "shuffle"
     return TrainSettings(
         rounds=f.rounds,
@@ -54,8 +70,8 @@ def train_settings(cfg: Config) -> TrainSettings:
         participation=f.participation,
         client_sampling=f.client_sampling,
         dropout=f.dropout,
-        lr=t.lr,
-        momentum=t.momentum,
+        lr=lr,
+        momentum=momentum,
         weight_decay=t.weight_decay,
         cosine=t.cosine,
         seed=cfg.seed,
@@ -63,7 +79,8 @@ def train_settings(cfg: Config) -> TrainSettings:
     )
 
 
-def method_settings(cfg: Config) -> MethodSettings:
+def method_settings(cfg: Config, backbone: OpenClipBackbone) -> MethodSettings:
+    """The methods' settings from the config; ``backbone`` embeds the initialisation phrase."""
     t, s = cfg.train, cfg.secfpp
     from pfpl.secure.secpc import SecPCSettings
 
@@ -82,6 +99,7 @@ def method_settings(cfg: Config) -> MethodSettings:
     return MethodSettings(
         rank=t.rank,
         init_std=cfg.prompt.init_std,
+        init_ctx=phrase_context(backbone, cfg.prompt.phrase, cfg.prompt.n_ctx) if cfg.prompt.phrase else None,
         fedpgp_mu=t.fedpgp_mu,
         fedpgp_temperature=t.fedpgp_temperature,
         extra={
@@ -159,7 +177,7 @@ def build_engine(
     """One method's simulator, with the config's sample-level mechanism, DP aggregation and per-round
     privacy charges, and its plan."""
     settings = settings or train_settings(cfg)
-    method = method or get_method(method_name)(method_settings(cfg))
+    method = method or get_method(method_name)(method_settings(cfg, tower.backbone))
     plan = plan_for(cfg, method, data.sizes(), settings, tower.backbone.ctx_dim)
     sim = Simulator(
         method,
@@ -206,6 +224,8 @@ class Benchmark:
         partition.clients = [pool[ix] for ix in partition.clients]  # indices into the whole training split
         self.partition = partition
         self._fedsp: dict[bool, object] = {}
+        self._val_plan: tuple[Features, EvalPlan] | None = None
+        self._clips: dict[str, float] = {}  # dp.clip_quantile: the clip measured for each method
         self.plan = EvalPlan.build(self.partition, self.train, self.test)
         self.tower = PromptTower(
             self.backbone,
@@ -225,8 +245,9 @@ class Benchmark:
         return ClientData(self.train, self.partition.clients, self.device)
 
     def privacy_plan(self, method_name: str) -> PrivacyPlan:
-        method = get_method(method_name)(method_settings(self.cfg))
-        return plan_for(self.cfg, method, self.partition.sizes(), train_settings(self.cfg), self.backbone.ctx_dim)
+        cfg = self.method_config(method_name)
+        method = get_method(method_name)(method_settings(cfg, self.backbone))
+        return plan_for(cfg, method, self.partition.sizes(), train_settings(cfg), self.backbone.ctx_dim)
 
     def fedsp(self, distilled: bool):
         """FedSP's auxiliary model and data (built once per run and distillation setting)."""
@@ -236,16 +257,37 @@ class Benchmark:
             self._fedsp[distilled] = build_context(self, distilled)
         return self._fedsp[distilled]
 
+    def method_config(self, method_name: str) -> Config:
+        """The run's config as one method runs it: with ``dp.clip_quantile``, ``dp.clip`` is measured on the
+        val split at the method's initial prompt (:mod:`pfpl.privacy.clipping`)."""
+        dp = self.cfg.dp
+        if dp.clip_quantile is None or dp.mode not in ("feature", "per-sample"):
+            return self.cfg
+        if method_name not in self._clips:
+            sim, _ = self._engine(method_name, self.cfg)
+            val = image_features(self.backbone, self.dataset, "val", self.cfg.cache_dir)
+            space = "feature" if dp.mode == "feature" else "context"
+            ctx = sim.personalized_context()[0]
+            scale = self.backbone.logit_scale
+            norms = record_gradient_norms(self.tower, ctx, val.features, val.labels, scale, space)
+            self._clips[method_name] = quantile_clip(norms, dp.clip_quantile)
+        cfg = self.cfg.model_copy(deep=True)
+        cfg.dp.clip = self._clips[method_name]
+        return cfg
+
     def engine(self, method_name: str) -> tuple[Simulator, PrivacyPlan]:
+        return self._engine(method_name, self.method_config(method_name))
+
+    def _engine(self, method_name: str, cfg: Config) -> tuple[Simulator, PrivacyPlan]:
         if method_name in AUXILIARY_METHODS:
             from pfpl.federation.fedsp import method_extra
 
             cls = get_method(method_name)
             context = self.fedsp(cls.distilled)
-            settings = method_settings(self.cfg)
+            settings = method_settings(cfg, self.backbone)
             settings.extra.update(method_extra(context, self))
             return build_engine(
-                self.cfg,
+                cfg,
                 method_name,
                 context.tower,
                 context.client_data(self.partition.clients),
@@ -253,12 +295,21 @@ class Benchmark:
                 self.reference,
                 method=cls(settings),
             )
-        return build_engine(
-            self.cfg, method_name, self.tower, self.client_data(), self.backbone.logit_scale, self.reference
-        )
+        return build_engine(cfg, method_name, self.tower, self.client_data(), self.backbone.logit_scale, self.reference)
 
     def evaluate(self, text_features: torch.Tensor) -> dict:
         return evaluate_clients(text_features, self.test, self.plan)
+
+    def validate(self, method_name: str, text_features: torch.Tensor) -> dict | None:
+        """Mean local / neighbor accuracy on the val split, where hyper-parameters are chosen (never on
+        test); None when the method's server trained on val (FedSP with ``fedsp.server_data = 'val'``)."""
+        if method_name in AUXILIARY_METHODS and self.cfg.fedsp.server_data == "val":
+            return None
+        if self._val_plan is None:
+            val = image_features(self.backbone, self.dataset, "val", self.cfg.cache_dir).to(self.device)
+            self._val_plan = (val, EvalPlan.build(self.partition, self.train, val))
+        result = evaluate_clients(text_features, *self._val_plan)
+        return {k: result[k] for k in ("local", "neighbor") if k in result}
 
 
 def _finite(value: float) -> float | None:
@@ -421,6 +472,7 @@ class SimulatedTraining:
         folder.save_prompts(self.name, released(self.sim, self.bench.partition.clients))
         return {
             "privacy": self.plan.describe(),
+            "validation": self.bench.validate(self.name, self.sim.text_features()),
             **grouping(self.sim, self.bench),
             **auxiliary(self.sim, self.bench, self.name),
         }

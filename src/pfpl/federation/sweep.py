@@ -13,7 +13,8 @@ from pathlib import Path
 
 from pfpl.artifacts import RunFolder, atomic_write_bytes, atomic_write_text, figure_bytes, write_json
 from pfpl.config import Config, build_config, default_methods_for_privacy
-from pfpl.federation.runner import resume, run
+from pfpl.errors import ConfigError
+from pfpl.federation.runner import private_sgd, resume, run
 from pfpl.privacy.rules import validate_dp
 
 
@@ -48,10 +49,42 @@ def sweep_configs(cfg: Config, epsilons: list[float]) -> dict[str, Config]:
     return out
 
 
+def training_config(cfg: Config) -> dict:
+    """What a run's training depends on: the config with private runs' learning rate and momentum
+    resolved (an explicit ``dp.lr`` equal to the default trains the same run) and without the cache
+    and output folders."""
+    out = json.loads(cfg.model_dump_json())
+    out["dp"]["lr"], out["dp"]["momentum"] = private_sgd(cfg)
+    for key in ("cache_dir", "output_dir"):
+        out.pop(key, None)
+    return out
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_same_training(folder: RunFolder, cfg: Config) -> None:
+    """A sweep reuses a finished or killed run only if it trained what this sweep would (else its
+    numbers would stand in the table for another configuration)."""
+    if not folder.has_config():
+        return
+    stored, wanted = _flat(training_config(build_config(folder.read_config()))), _flat(training_config(cfg))
+    differ = sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
+    if differ:
+        shown = ", ".join(f"{k} = {stored.get(k)!r} there, {wanted.get(k)!r} here" for k in differ[:3])
+        raise ConfigError(f"{folder.path} was trained with another config ({shown}); choose a new sweep folder")
+
+
 def run_sweep(
     cfg: Config, epsilons: list[float], folder: Path, progress: Callable[[str, str, int, int], None] | None = None
 ) -> dict:
     configs = sweep_configs(cfg, epsilons)
+    for label, sub in configs.items():  # before any training
+        check_same_training(RunFolder(folder / f"eps-{label}"), sub)
     folder.mkdir(parents=True, exist_ok=True)
     results = {}
     for label, sub in configs.items():
@@ -72,7 +105,8 @@ def run_sweep(
         "methods": {
             m: {
                 label: {
-                    k: results[label]["methods"][m].get(k) for k in ("local", "neighbor", "epsilon", "epsilon_kind")
+                    k: results[label]["methods"][m].get(k)
+                    for k in ("local", "neighbor", "epsilon", "epsilon_kind", "validation")
                 }
                 for label in configs
             }
@@ -87,12 +121,14 @@ def run_sweep(
 
 
 def _write_csv(path: Path, table: dict) -> None:
-    lines = ["method,target_epsilon,achieved_epsilon,epsilon_kind,local,neighbor"]
+    lines = ["method,target_epsilon,achieved_epsilon,epsilon_kind,local,neighbor,val_local,val_neighbor"]
     for m, by_eps in table["methods"].items():
         for label, r in by_eps.items():
             achieved = "inf" if r["epsilon"] is None else f"{r['epsilon']:.4f}"
             kind = r.get("epsilon_kind") or "none"
-            lines.append(f"{m},{label},{achieved},{kind},{r['local']:.4f},{r['neighbor']:.4f}")
+            val = r.get("validation") or {}
+            on_val = ",".join(f"{val[k]:.4f}" if val.get(k) is not None else "" for k in ("local", "neighbor"))
+            lines.append(f"{m},{label},{achieved},{kind},{r['local']:.4f},{r['neighbor']:.4f},{on_val}")
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 

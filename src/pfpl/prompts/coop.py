@@ -6,8 +6,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pfpl.backbones.openclip import OpenClipBackbone
 from pfpl.backbones.prompt_tower import PromptTower
 from pfpl.data.features import Features
+from pfpl.errors import ConfigError
 
 
 def init_context(
@@ -15,6 +17,19 @@ def init_context(
 ) -> torch.Tensor:
     """Random N(0, std²) context vectors, as CoOp's random initialisation."""
     return torch.randn(*batch, n_ctx, dim, generator=generator) * std
+
+
+def phrase_context(backbone: OpenClipBackbone, phrase: str, n_ctx: int) -> torch.Tensor:
+    """``[n_ctx, D]``: the token embeddings of ``phrase`` (CoOp's ctx_init). With the template
+    ``"<phrase> {}."`` a prompt starting here gives exactly the zero-shot class texts."""
+    tokens = backbone.tokenize([phrase])
+    length = int(backbone.text.eot_positions(tokens)[0]) - 1  # tokens between SOS and EOT
+    if length != n_ctx:
+        raise ConfigError(
+            f"config error: prompt.init = {phrase!r} is {length} tokens for this backbone's tokenizer, not "
+            f"prompt.n_ctx = {n_ctx}; set prompt.n_ctx = {length} or choose a phrase of one token per word"
+        )
+    return backbone.token_embeddings(tokens)[0, 1 : 1 + length].cpu()
 
 
 def fit_coop(

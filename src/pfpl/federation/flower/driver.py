@@ -30,7 +30,7 @@ from pfpl.evaluation.federated import summarize
 from pfpl.federation.client import steps_per_round
 from pfpl.federation.flower import records as R
 from pfpl.federation.flower.node import flower_refusal
-from pfpl.federation.runner import Benchmark, build_aggregator, method_settings, plan_for, train_settings
+from pfpl.federation.runner import Benchmark, build_aggregator, method_settings, train_settings
 from pfpl.federation.server import Server
 from pfpl.messages import Upload
 from pfpl.privacy.accounting import Accountant
@@ -135,10 +135,10 @@ class FlowerTraining:
         cfg = bench.cfg
         self.cluster, self.bench, self.name, self.cfg = cluster, bench, name, cfg
         self.settings = train_settings(cfg)
-        self.method = get_method(name)(method_settings(cfg))
+        self.method = get_method(name)(method_settings(cfg, bench.backbone))
         self.sizes = bench.partition.sizes()
         dim = bench.backbone.ctx_dim
-        self.plan = plan_for(cfg, self.method, self.sizes, self.settings, dim)
+        self.plan = bench.privacy_plan(name)
         shared = self.method.init_shared(cfg.prompt.n_ctx, dim, stream(self.settings.seed, Purpose.INIT_SHARED))
         self.server = Server(self.method, self.settings, len(self.sizes), shared, build_aggregator(cfg, self.plan))
         self.local_steps = steps_per_round(self.sizes, self.settings)

@@ -143,7 +143,7 @@ class Node:
             why = flower_refusal(name)
             if why:
                 raise ProtocolError(why)
-            method = get_method(name)(method_settings(self.cfg))
+            method = get_method(name)(method_settings(self.cfg, self.bench.backbone))
             plan = self.bench.privacy_plan(name)
             update = ClientUpdate(
                 method,
