@@ -224,7 +224,8 @@ class Benchmark:
         partition.clients = [pool[ix] for ix in partition.clients]  # indices into the whole training split
         self.partition = partition
         self._fedsp: dict[bool, object] = {}
-        self._val_plan: tuple[Features, EvalPlan] | None = None
+        self._val: Features | None = None
+        self._val_plan: EvalPlan | None = None
         self._clips: dict[str, float] = {}  # dp.clip_quantile: the clip measured for each method
         self.plan = EvalPlan.build(self.partition, self.train, self.test)
         self.tower = PromptTower(
@@ -249,6 +250,14 @@ class Benchmark:
         method = get_method(method_name)(method_settings(cfg, self.backbone))
         return plan_for(cfg, method, self.partition.sizes(), train_settings(cfg), self.backbone.ctx_dim)
 
+    @property
+    def val(self) -> Features:
+        """The val split's features on the run's device, loaded once: the clip quantile and every method's
+        val accuracy share them."""
+        if self._val is None:
+            self._val = image_features(self.backbone, self.dataset, "val", self.cfg.cache_dir).to(self.device)
+        return self._val
+
     def fedsp(self, distilled: bool):
         """FedSP's auxiliary model and data (built once per run and distillation setting)."""
         if distilled not in self._fedsp:
@@ -265,7 +274,7 @@ class Benchmark:
             return self.cfg
         if method_name not in self._clips:
             sim, _ = self._engine(method_name, self.cfg)
-            val = image_features(self.backbone, self.dataset, "val", self.cfg.cache_dir)
+            val = self.val
             space = "feature" if dp.mode == "feature" else "context"
             ctx = sim.personalized_context()[0]
             scale = self.backbone.logit_scale
@@ -306,9 +315,8 @@ class Benchmark:
         if method_name in AUXILIARY_METHODS and self.cfg.fedsp.server_data == "val":
             return None
         if self._val_plan is None:
-            val = image_features(self.backbone, self.dataset, "val", self.cfg.cache_dir).to(self.device)
-            self._val_plan = (val, EvalPlan.build(self.partition, self.train, val))
-        result = evaluate_clients(text_features, *self._val_plan)
+            self._val_plan = EvalPlan.build(self.partition, self.train, self.val)
+        result = evaluate_clients(text_features, self.val, self._val_plan)
         return {k: result[k] for k in ("local", "neighbor") if k in result}
 
 
