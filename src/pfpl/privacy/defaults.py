@@ -18,7 +18,7 @@ import math
 
 #: dp.mode -> ((target ε, learning rate, momentum), ...) in increasing ε
 PRIVATE_SGD: dict[str, tuple[tuple[float, float, float], ...]] = {
-    "per-sample": ((0.1, 0.0003, 0.9), (1.0, 0.001, 0.9), (4.0, 0.001, 0.9)),
+    "per-sample": ((0.1, 0.0001, 0.9), (1.0, 0.001, 0.9), (4.0, 0.001, 0.9)),
     "feature": ((0.1, 0.0001, 0.9), (1.0, 0.0003, 0.9), (4.0, 0.0003, 0.9)),
 }
 
