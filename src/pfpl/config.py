@@ -14,8 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from pfpl.algorithms import AUXILIARY_METHODS, CLUSTERING_METHODS, DEFAULT_METHODS, METHOD_NAMES
 from pfpl.errors import ConfigError
+from pfpl.privacy.modes import DP_MODES, MODES, is_private
 
 __all__ = ["METHOD_NAMES", "Config", "ConfigError", "build_config", "load_config"]
+
+#: the product of SecPC's three primes (pfpl.secure.field.PRIMES, a test keeps them equal): the
+#: range its exact integer distances are recovered in, by the Chinese remainder theorem
+SECPC_RANGE = 16777213 * 16777199 * 16777183
 
 
 class Section(BaseModel):
@@ -162,10 +167,13 @@ class TrainConfig(Section):
 
 
 class DPConfig(Section):
-    mode: Literal["off", "feature", "per-sample", "reference"] = Field(
-        "off",
-        description="feature: clip/noise per-sample text-feature gradients; per-sample: exact per-sample "
-        "gradients of the private leaves; reference: the published code's batch clipping (nominal ε)",
+    mode: Literal[DP_MODES] = Field(  # type: ignore[valid-type]
+        "off", description="; ".join(f"{m.name}: {m.summary}" for m in MODES.values())
+    )
+    randomness: Literal["secret", "seeded"] = Field(
+        "secret",
+        description="secret: DP noise and batch draws from each party's own OS-entropy secret (the only setting "
+        "with a formal guarantee); seeded: from the config seed, reproducible, an experiment with no formal guarantee",
     )
     target_epsilon: float | None = Field(
         None, gt=0, description="calibrate σ to this ε of the released prompt (inf = no noise)"
@@ -208,6 +216,11 @@ class SecFPPConfig(Section):
     cluster_on: Literal["images", "prompts"] = Field(
         "images", description="what SecPC clusters: each client's mean image feature, or its personalized prompt"
     )
+    public_label_set: bool = Field(
+        False,
+        description="private runs: class-level prompts only for the classes a client holds, which its released "
+        "prompt then reveals (the certificate says the label set is treated as public); default: every class",
+    )
     projection_dim: int = Field(64, ge=2, le=256, description="dimension of the public random projection")
     frac_bits: int = Field(8, ge=1, le=12, description="fixed-point bits of the projected vectors")
     lcc_slices: int = Field(2, ge=1, le=8, description="K: column slices of the Lagrange code")
@@ -242,10 +255,37 @@ class FedSPConfig(Section):
 class SecureConfig(Section):
     ring_bits: int = Field(64, ge=16, le=64, description="masked vectors live in Z_2^ring_bits")
     frac_bits: int = Field(24, ge=0, le=48, description="fixed-point scale 2^frac_bits (no distributed DP)")
-    threshold: float = Field(0.6, gt=0.5, le=1, description="fraction of a neighbourhood needed to unmask")
+    threshold: float | None = Field(
+        None,
+        gt=0.5,
+        le=1,
+        description="fraction of a neighbourhood needed to unmask; unset: the smallest the rules allow "
+        "(a strict majority, and no decodable cut of a sparse graph), chosen with the degree",
+    )
     graph: Literal["sparse", "full"] = Field("sparse", description="SecAgg+'s O(log n) neighbours, or everyone")
-    degree: int | None = Field(None, ge=2, description="neighbours per client in the sparse graph (default ~2·log2 n)")
+    degree: int | None = Field(
+        None,
+        ge=2,
+        description="neighbours per client in the sparse graph (even); unset: the smallest that meets "
+        "secure.failure_target at secure.dropout_tolerance (pfpl.secure.params.choose)",
+    )
+    dropout_tolerance: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="the per-instance dropout rate the chosen degree must tolerate; unset: federation.dropout, "
+        "at least 0.1",
+    )
+    failure_target: float = Field(
+        0.01, gt=0, lt=1, description="bound on the probability that an instance cannot unmask (chosen degree)"
+    )
     noise_bits: int = Field(16, ge=4, le=30, description="distributed DP: integer noise std 2^noise_bits")
+    colluders: int | None = Field(
+        None,
+        ge=0,
+        description="clients that may collude with the server: distributed DP's noise is sized so that the honest "
+        "survivors (threshold − colluders) carry it alone; unset: threshold − 1, the most secure aggregation tolerates",
+    )
 
 
 class Config(Section):
@@ -270,8 +310,8 @@ class Config(Section):
 
     @property
     def private(self) -> bool:
-        """Whether any DP mechanism runs (sample-level or client-level)."""
-        return self.dp.mode != "off" or self.dp.client_noise_multiplier > 0
+        """Whether any DP mechanism runs (sample-level or client-level noise): :func:`pfpl.privacy.modes.is_private`."""
+        return is_private(self.dp)
 
 
 def default_methods_for_privacy(cfg: Config) -> tuple[list[str], list[str]]:
@@ -374,6 +414,15 @@ def _check_together(cfg: Config) -> None:
             f"(secfpp.lcc_slices K = {cfg.secfpp.lcc_slices}, secfpp.lcc_privacy T = {cfg.secfpp.lcc_privacy}); "
             f"federation.n_clients is {cfg.federation.n_clients}"
         )
+    if clustering:
+        n, f, d = cfg.federation.n_clients, cfg.secfpp.frac_bits, cfg.secfpp.projection_dim
+        largest = 4 * n**4 * (2**f + d**0.5) ** 2  # n_a²·n_b²·‖c_a − c_b‖² of unit vectors at 2^frac_bits
+        if largest >= SECPC_RANGE // 2:
+            raise ConfigError(
+                f"config error: {clustering[0]}'s secure distances for {n} clients at secfpp.frac_bits = {f} can "
+                f"reach {largest:.3g}, beyond the ±{SECPC_RANGE // 2:.3g} its three primes hold (they would wrap "
+                "silently); lower secfpp.frac_bits or federation.n_clients"
+            )
     if cfg.train.rank > cfg.prompt.n_ctx:
         raise ConfigError(
             f"config error: train.rank = {cfg.train.rank} must be at most prompt.n_ctx = {cfg.prompt.n_ctx} "

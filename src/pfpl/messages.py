@@ -14,6 +14,8 @@ from typing import Protocol
 
 import torch
 
+from pfpl.streams import Draws
+
 
 @dataclass
 class Upload:
@@ -75,7 +77,9 @@ class Aggregator(Protocol):
         """Each contribution's coefficient in its group's result ``[B]`` (what DP sensitivities use)."""
         ...
 
-    def __call__(self, c: Contributions, gen: torch.Generator) -> torch.Tensor: ...
+    def __call__(self, c: Contributions, draws: Draws) -> torch.Tensor:
+        """``draws``: the server's mechanism draws for this aggregation (its DP noise)."""
+        ...
 
     def releases(self, c: Contributions) -> torch.Tensor:
         """``[G]`` booleans: which groups' results the server must apply (a noisy aggregator releases
@@ -108,7 +112,7 @@ class WeightedMean:
         groups = c.groups.to(c.values.device)
         return (sizes / group_sum(sizes, groups, c.n_groups)[groups]).to(c.values.dtype)
 
-    def __call__(self, c: Contributions, gen: torch.Generator) -> torch.Tensor:
+    def __call__(self, c: Contributions, draws: Draws) -> torch.Tensor:
         return weighted_sum(c.values, self.coefficients(c), c.groups, c.n_groups)
 
     def releases(self, c: Contributions) -> torch.Tensor:

@@ -81,7 +81,7 @@ def test_a_client_uploads_its_prompt_and_nothing_else(tmp_path):
         everyone = torch.arange(sim.n_clients)
         state = sim._gather(everyone)
         batches = sim._batches(everyone, 0)
-        message = sim.update(sim.server.broadcast(everyone), state, batches, sim.sizes, 0)
+        message = sim.update(sim.server.broadcast(everyone), state, batches, sim.sizes, 0, 0, sim.streams)
         assert set(message.values) == {"prompt"}
         assert message.values["prompt"].shape == (3, 2, sim.tower.backbone.ctx_dim)
         if expected is not None:

@@ -13,7 +13,7 @@ from pfpl.backbones.prompt_tower import PromptTower
 from pfpl.data.clients import ClientData
 from pfpl.federation.client import TrainSettings
 from pfpl.federation.simulator import Simulator
-from pfpl.streams import Purpose, client_streams
+from pfpl.streams import Purpose, Streams, client_streams
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -61,8 +61,8 @@ def test_one_tower_call_serves_every_clients_class_specific_contexts(sim):
 def test_only_the_domain_prompt_travels(sim):
     everyone = torch.arange(3)
     state = sim._gather(everyone)
-    batches = sim.data.batches(everyone, 2, 8, "shuffle", 2, 0)
-    upload = sim.update(sim.server.broadcast(everyone), state, batches, sim.sizes, 0)
+    batches = sim.data.batches(everyone, 2, 8, "shuffle", Streams(2), 0)
+    upload = sim.update(sim.server.broadcast(everyone), state, batches, sim.sizes, 0, 0, sim.streams)
     assert set(upload.values) == {"domain"}
     assert set(sim.method.shared_params) == {"domain"}
     assert "class" in sim.method.local_params and "held" not in sim.method.trainable_local

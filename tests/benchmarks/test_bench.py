@@ -16,6 +16,7 @@ import torch
 from pfpl.benchmarks.settings import JSON_KEYS, BenchConfig
 from pfpl.benchmarks.workload import Workload
 from pfpl.cli import main
+from pfpl.streams import Streams
 
 TOL = 1e-5
 
@@ -180,14 +181,14 @@ def test_engine_and_reference_compute_the_same_thing(tiny_name):
     # one step's gradients (same prompts, same streams): all clients at once == one at a time, images re-encoded
     everyone = torch.arange(n)
     params = {**engine.server.broadcast(everyone), **engine.local}
-    batch = engine.data.batches(everyone, 1, 5, "shuffle", w.cfg.seed, 0)[0]
+    batch = engine.data.batches(everyone, 1, 5, "shuffle", Streams(w.cfg.seed), 0)[0]
     norm = torch.full((n,), 5.0)
-    grads, loss = engine.update.gradients(params, everyone, batch, norm, 0, 0)
+    grads, loss = engine.update.gradients(params, everyone, batch, norm, 0, 0, engine.streams)
     for c in range(n):
         one = torch.tensor([c])
-        ref_batch = reference.data.batches(one, 1, 5, "shuffle", w.cfg.seed, 0)[0]
+        ref_batch = reference.data.batches(one, 1, 5, "shuffle", Streams(w.cfg.seed), 0)[0]
         ref_params = {**reference.server.broadcast(one), **{k: v[one] for k, v in reference.local.items()}}
-        ref_grads, ref_loss = reference.update.gradients(ref_params, one, ref_batch, norm[:1], 0, 0)
+        ref_grads, ref_loss = reference.update.gradients(ref_params, one, ref_batch, norm[:1], 0, 0, reference.streams)
         assert_same(loss[c], ref_loss[0])
         assert set(ref_grads) == set(grads) == {"global", "local"}
         for name in grads:
@@ -205,8 +206,11 @@ def test_engine_and_reference_compute_the_same_thing(tiny_name):
 def test_secagg_bench_reports_each_role_and_a_share_of_the_round(capsys):
     from pfpl.benchmarks.secagg import format_secagg, run_secagg_bench
 
-    result = run_secagg_bench(clients=(6,))
+    result = run_secagg_bench(clients=(6,), failure_clients=(12,))
     rows = result["rows"]
+    (failure,) = result["failures"]  # the event covering every failure, beside the bound it was chosen by
+    assert failure["clients"] == 12 and failure["protocol_rate"] is None
+    assert 0 <= failure["event_rate"] <= failure["bound"] + 4 * (failure["bound"] / failure["event_draws"]) ** 0.5
     assert {(r["vector"], r["graph"]) for r in rows} == {
         (v, g) for v in ("embedded 16×64", "ViT-B-16 16×512") for g in ("sparse", "full")
     }

@@ -13,90 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Context, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from flower_grid import SMALL, InProcessGrid, job, same, small_cfg
+from flwr.app import RecordDict
 
 from pfpl.config import load_config
 from pfpl.errors import DeploymentError
 from pfpl.federation.flower import records as R
-from pfpl.federation.flower.apps import client_app, run_job
+from pfpl.federation.flower.apps import run_job
 from pfpl.federation.flower.driver import Cluster, FlowerTraining
 from pfpl.federation.runner import run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-SMALL = [
-    "federation.n_clients=5",
-    "federation.rounds=2",
-    "federation.local_steps=2",
-    "data.train_per_class_domain=2",
-    "data.val_per_class_domain=1",
-    "data.test_per_class_domain=2",
-    "prompt.n_ctx=4",
-    "train.rank=2",
-]
-
-
-class InProcessGrid:
-    """Flower's Grid for a ServerApp, with the SuperNodes' ClientApp called in this process. ``down``:
-    nodes that do not answer; ``meddle(kind, node, reply)``: may alter a reply on its way back."""
-
-    def __init__(self, nodes: int, cache: Path, meddle=None, silent=None):
-        TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-        self.contexts = {
-            100 + i: Context(
-                run_id=1,
-                node_id=100 + i,
-                node_config={"partition-id": i, "num-partitions": nodes, "cache-dir": str(cache)},
-                state=RecordDict(),
-                run_config={},
-            )
-            for i in range(nodes)
-        }
-        self.down: set[int] = set()
-        self.meddle = meddle
-        self.silent = silent  # silent(kind, node, content) -> True: the node does not answer this one
-        self.sent: list[tuple[str, int]] = []
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, timeout=None):
-        out = []
-        for m in messages:
-            node, kind = m.metadata.dst_node_id, m.metadata.message_type
-            self.sent.append((kind, node))
-            if node in self.down or (self.silent and self.silent(kind, node, m.content)):
-                continue
-            TaskIdentity.node_id = node
-            try:
-                reply = client_app(m, self.contexts[node])
-            finally:
-                TaskIdentity.node_id = 0
-            if self.meddle and reply.has_content():
-                self.meddle(kind, node, reply.content)
-            out.append(reply)
-        return out
-
-
-def _cfg(tmp_path, *extra):
-    return load_config(None, [*SMALL, f"cache_dir='{tmp_path / 'cache'}'", *extra])
-
-
-def _job(cfg, run_dir, **extra):
-    return {"config": json.loads(cfg.model_dump_json()), "run_dir": str(run_dir), "supernodes": 3, **extra}
-
-
-def _same(a: dict, b: dict, tol: float = 1e-5) -> None:
-    for name in b["methods"]:
-        x, y = a["methods"][name], b["methods"][name]
-        for key in ("local", "neighbor"):
-            assert x[key] == pytest.approx(y[key], abs=tol), (name, key)
-            for u, v in zip(x["per_client"][key], y["per_client"][key]):
-                assert u == pytest.approx(v, abs=tol), (name, key)
-        assert x["epsilon_kind"] == y["epsilon_kind"], name
-        for u, v in zip(x["epsilon_per_client"], y["epsilon_per_client"]):
-            assert (u is None and v is None) or u == pytest.approx(v, rel=1e-9), name
 
 
 @pytest.mark.parametrize(
@@ -104,18 +31,25 @@ def _same(a: dict, b: dict, tol: float = 1e-5) -> None:
     [
         [],  # DP-FPL's step sync
         ["federation.sync='fedavg'", "federation.participation=0.6"],
-        ["dp.mode='feature'", "dp.noise_multiplier=1.0", "dp.sampling='poisson'"],
+        # private runs draw their noise from secrets of each party (they differ by design): the
+        # comparison with the simulator takes the seeded experiment setting
+        ["dp.mode='feature'", "dp.noise_multiplier=1.0", "dp.sampling='poisson'", "dp.randomness='seeded'"],
         ["federation.secure_aggregation=true", "federation.dropout=0.2", "federation.n_clients=8"],
-        ["federation.secure_aggregation=true", "dp.mode='per-sample'", "dp.noise_multiplier=1.0"],
+        [
+            "federation.secure_aggregation=true",
+            "dp.mode='per-sample'",
+            "dp.noise_multiplier=1.0",
+            "dp.randomness='seeded'",
+        ],
     ],
     ids=["step", "fedavg-partial", "feature-dp", "secagg-dropout", "secagg-distributed-dp"],
 )
-def test_a_flower_run_ends_where_the_simulator_does(tmp_path, extra):
-    cfg = _cfg(tmp_path, "train.methods=['dpfpl', 'promptfl']", *extra)
-    grid = InProcessGrid(3, tmp_path / "cache")
-    flower = run_job(grid, _job(cfg, tmp_path / "flower"))
+def test_a_flower_run_ends_where_the_simulator_does(flower_cache, tmp_path, extra):
+    cfg = small_cfg(flower_cache, "train.methods=['dpfpl', 'promptfl']", *extra)
+    grid = InProcessGrid(3, flower_cache)
+    flower = run_job(grid, job(cfg, tmp_path / "flower"))
     simulated = run(cfg, tmp_path / "sim")
-    _same(flower, simulated)
+    same(flower, simulated)
     secure = {"train.secagg"} if cfg.federation.secure_aggregation else set()
     assert {kind for kind, _ in grid.sent} == {"query", "train", "evaluate"} | secure
     folder = tmp_path / "flower"
@@ -154,9 +88,9 @@ def _meddling(kind_wanted: str, node_wanted: int, how: str):
     "how, reason",
     [("shape", "has shape"), ("nan", "NaN"), ("key", "keys"), ("sizes", "training-set sizes")],
 )
-def test_a_malformed_reply_is_rejected_with_its_reason_and_not_aggregated(tmp_path, how, reason):
-    cfg = _cfg(tmp_path, "train.methods=['dpfpl']", "federation.rounds=1")
-    grid = InProcessGrid(3, tmp_path / "cache", meddle=_meddling("train", 101, how))
+def test_a_malformed_reply_is_rejected_with_its_reason_and_not_aggregated(flower_cache, how, reason):
+    cfg = small_cfg(flower_cache, "train.methods=['dpfpl']", "federation.rounds=1")
+    grid = InProcessGrid(3, flower_cache, meddle=_meddling("train", 101, how))
     from pfpl.federation.runner import Benchmark
 
     bench = Benchmark(cfg)
@@ -170,9 +104,9 @@ def test_a_malformed_reply_is_rejected_with_its_reason_and_not_aggregated(tmp_pa
     assert all(bool(torch.isfinite(v).all()) for v in training.server.shared.values())
 
 
-def test_a_supernode_that_stops_answering_leaves_the_round_to_the_others(tmp_path, caplog):
-    cfg = _cfg(tmp_path, "train.methods=['dpfpl']", "federation.rounds=3")
-    grid = InProcessGrid(3, tmp_path / "cache")
+def test_a_supernode_that_stops_answering_leaves_the_round_to_the_others(flower_cache, tmp_path, caplog):
+    cfg = small_cfg(flower_cache, "train.methods=['dpfpl']", "federation.rounds=3")
+    grid = InProcessGrid(3, flower_cache)
     seen = []
 
     def progress(method, done, total):
@@ -198,14 +132,14 @@ def test_a_supernode_that_stops_answering_leaves_the_round_to_the_others(tmp_pat
     assert math.isfinite(summary["methods"]["dpfpl"]["local"])
 
 
-def test_a_restarted_server_resumes_to_the_same_result(tmp_path):
-    cfg = _cfg(tmp_path, "train.methods=['dpfpl', 'promptfl']", "federation.rounds=3")
-    whole = run_job(InProcessGrid(3, tmp_path / "cache"), _job(cfg, tmp_path / "whole"))
+def test_a_restarted_server_resumes_to_the_same_result(flower_cache, tmp_path):
+    cfg = small_cfg(flower_cache, "train.methods=['dpfpl', 'promptfl']", "federation.rounds=3")
+    whole = run_job(InProcessGrid(3, flower_cache), job(cfg, tmp_path / "whole"))
 
     class Crash(Exception):
         pass
 
-    grid = InProcessGrid(3, tmp_path / "cache")
+    grid = InProcessGrid(3, flower_cache)
     cluster = Cluster(grid, cfg, 3)
 
     def training(bench, name):
@@ -220,14 +154,14 @@ def test_a_restarted_server_resumes_to_the_same_result(tmp_path):
     with pytest.raises(Crash):
         run(cfg, tmp_path / "killed", progress=crash, training=training)
     # a new ServerApp (a new Flower run): the nodes' Flower state is gone, their snapshots are not
-    fresh = InProcessGrid(3, tmp_path / "cache")
-    resumed = run_job(fresh, _job(cfg, tmp_path / "killed", resume=True))
-    _same(resumed, whole, tol=0)
+    fresh = InProcessGrid(3, flower_cache)
+    resumed = run_job(fresh, job(cfg, tmp_path / "killed", resume=True))
+    same(resumed, whole, tol=0)
 
 
-def test_a_node_asked_for_the_wrong_round_answers_with_an_error(tmp_path):
-    cfg = _cfg(tmp_path, "train.methods=['dpfpl']")
-    grid = InProcessGrid(3, tmp_path / "cache")
+def test_a_node_asked_for_the_wrong_round_answers_with_an_error(flower_cache):
+    cfg = small_cfg(flower_cache, "train.methods=['dpfpl']")
+    grid = InProcessGrid(3, flower_cache)
     from pfpl.federation.runner import Benchmark
 
     bench = Benchmark(cfg)
@@ -239,16 +173,16 @@ def test_a_node_asked_for_the_wrong_round_answers_with_an_error(tmp_path):
     assert len(cluster.rejected) == 3 and all("holds no state" in r["reason"] for r in cluster.rejected)
 
 
-def test_a_federation_missing_a_partition_or_a_method_flower_cannot_run_is_refused(tmp_path):
-    cfg = _cfg(tmp_path, "train.methods=['dpfpl']")
+def test_a_federation_missing_a_partition_or_a_method_flower_cannot_run_is_refused(flower_cache, tmp_path):
+    cfg = small_cfg(flower_cache, "train.methods=['dpfpl']")
     with pytest.raises(DeploymentError, match="no SuperNode hosts client"):
-        grid = InProcessGrid(3, tmp_path / "cache")
+        grid = InProcessGrid(3, flower_cache)
         for c in grid.contexts.values():  # every node claims to be one of 4: client 3 has no host
             c.node_config["num-partitions"] = 4
-        run_job(grid, {**_job(cfg, tmp_path / "a"), "supernodes": 3})
-    secfpp = _cfg(tmp_path, "train.methods=['secfpp']")
+        run_job(grid, {**job(cfg, tmp_path / "a"), "supernodes": 3})
+    secfpp = small_cfg(flower_cache, "train.methods=['secfpp']")
     with pytest.raises(DeploymentError, match="SecPC"):
-        run_job(InProcessGrid(3, tmp_path / "cache"), _job(secfpp, tmp_path / "b"))
+        run_job(InProcessGrid(3, flower_cache), job(secfpp, tmp_path / "b"))
 
 
 def _silent_at(phase: str, nodes: set[int], round: int = 0):
@@ -263,33 +197,44 @@ def _silent_at(phase: str, nodes: set[int], round: int = 0):
     return silent
 
 
-def test_secure_aggregation_goes_on_without_a_node_lost_mid_protocol_and_fails_cleanly_below_the_threshold(tmp_path):
+def test_secure_aggregation_goes_on_without_a_node_lost_mid_protocol_and_skips_an_exchange_below_the_threshold(
+    flower_cache, tmp_path, monkeypatch
+):
     """8 clients on 3 nodes, full graph, threshold ⌈0.6 · 8⌉ = 5. A node (3 clients) silent at the
     masked input: the 5 others' sum is unmasked and training goes on. Two nodes (6 clients) silent at
-    the unmasking of round 1: one clear error, and the run resumes from round 0's checkpoint once they
-    are back, to the result of a run that never failed."""
-    cfg = _cfg(
-        tmp_path,
+    the unmasking of round 1's first exchange: that instance cannot complete, so that exchange is
+    skipped (the shared prompt is not stepped by it) and recorded, and the run completes every round."""
+    from pfpl.federation.server import Server
+
+    cfg = small_cfg(
+        flower_cache,
         "train.methods=['dpfpl']",
         "federation.n_clients=8",
         "federation.secure_aggregation=true",
         "secure.graph='full'",
     )
-    grid = InProcessGrid(3, tmp_path / "cache", silent=_silent_at("masked", {102}))
-    summary = run_job(grid, _job(cfg, tmp_path / "one-lost"))
+    grid = InProcessGrid(3, flower_cache, silent=_silent_at("masked", {102}))
+    summary = run_job(grid, job(cfg, tmp_path / "one-lost"))
     assert math.isfinite(summary["methods"]["dpfpl"]["local"])
-    from pfpl.artifacts import RunFolder
+    assert summary["methods"]["dpfpl"]["secure_failures"] == 0
 
-    state = RunFolder(tmp_path / "one-lost").load_checkpoint()
-    assert state["completed"]["dpfpl"]
+    applied = []
+    apply = Server.apply
 
-    grid = InProcessGrid(3, tmp_path / "cache", silent=_silent_at("unmask", {101, 102}, round=1))
-    with pytest.raises(Exception, match="below the threshold"):
-        run_job(grid, _job(cfg, tmp_path / "two-lost"))
-    assert RunFolder(tmp_path / "two-lost").load_checkpoint()["current"]["sim"]["server"]["round"] == 1
-    resumed = run_job(InProcessGrid(3, tmp_path / "cache"), _job(cfg, tmp_path / "two-lost", resume=True))
-    whole = run_job(InProcessGrid(3, tmp_path / "cache"), _job(cfg, tmp_path / "whole"))
-    _same(resumed, whole, tol=0)
+    def spy(self, name, agg, touched, round_index):
+        applied.append((round_index, bool(touched.any())))
+        return apply(self, name, agg, touched, round_index)
+
+    monkeypatch.setattr(Server, "apply", spy)
+    grid = InProcessGrid(3, flower_cache, silent=_silent_at("unmask", {101, 102}, round=1))
+    summary = run_job(grid, job(cfg, tmp_path / "two-lost"))
+    result = summary["methods"]["dpfpl"]
+    assert math.isfinite(result["local"]) and result["secure_failures"] == 1  # one shared parameter, one group
+    rows = [json.loads(line) for line in (tmp_path / "two-lost" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2] and [r["secure_failures"] for r in rows] == [0, 1]
+    steps = len(applied) // cfg.federation.rounds  # exchanges per round (step sync)
+    assert applied[steps] == (1, False)  # round 1, step 0: not applied
+    assert all(touched for i, (_, touched) in enumerate(applied) if i != steps)
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -307,7 +252,9 @@ def _processes_mentioning(text: str) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="process check reads /proc")
-def test_pfpl_flower_run_on_loopback_equals_the_simulator_and_leaves_no_process(tmp_path, monkeypatch, capsys):
+def test_pfpl_flower_run_on_loopback_equals_the_simulator_and_leaves_no_process(
+    flower_cache, tmp_path, monkeypatch, capsys
+):
     """The real thing: `pfpl flower run` starts a SuperLink and 3 SuperNodes on free loopback ports,
     DP-FPL and PromptFL train over two rounds (state kept in each SuperNode's context between
     messages), the summary equals the simulator's, and every process it started is gone."""
@@ -316,21 +263,21 @@ def test_pfpl_flower_run_on_loopback_equals_the_simulator_and_leaves_no_process(
     from pfpl.cli import main
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the federation's FLWR_HOME lives here
-    overrides = [*SMALL, f"cache_dir='{tmp_path / 'cache'}'", "federation.sync='fedavg'"]
+    overrides = [*SMALL, f"cache_dir='{flower_cache}'", "federation.sync='fedavg'"]
     overrides += ["train.methods=['dpfpl', 'promptfl']"]
     sets = [arg for o in overrides for arg in ("--set", o)]
     code = main(["flower", "run", "--supernodes", "3", "--out", str(tmp_path / "flower"), "--json", *sets])
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     simulated = run(load_config(None, overrides), tmp_path / "sim")
-    _same(summary, simulated)
+    same(summary, simulated)
     assert (tmp_path / "flower" / "summary.json").is_file()
     assert _processes_mentioning(str(tmp_path)) == []
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="process check reads /proc")
-def test_a_killed_supernode_leaves_the_rounds_to_the_survivors(tmp_path):
+def test_a_killed_supernode_leaves_the_rounds_to_the_survivors(flower_cache, tmp_path):
     """A real SuperNode killed (SIGKILL) after round 1: the later rounds complete with the others'
     clients, its clients are reported unevaluated, and nothing is left running."""
     import signal
@@ -338,9 +285,9 @@ def test_a_killed_supernode_leaves_the_rounds_to_the_survivors(tmp_path):
 
     from pfpl.federation.flower.launch import LocalFederation
 
-    cfg = _cfg(tmp_path, "train.methods=['dpfpl']", "federation.sync='fedavg'", "federation.rounds=3")
+    cfg = small_cfg(flower_cache, "train.methods=['dpfpl']", "federation.sync='fedavg'", "federation.rounds=3")
     metrics = tmp_path / "run" / "metrics.jsonl"
-    with LocalFederation(3, tmp_path / "cache", workdir=tmp_path / "federation") as federation:
+    with LocalFederation(3, flower_cache, workdir=tmp_path / "federation") as federation:
         victim = federation.procs[3]  # the SuperLink, then SuperNodes 0, 1, 2
 
         def kill_after_round_one():
@@ -349,7 +296,7 @@ def test_a_killed_supernode_leaves_the_rounds_to_the_survivors(tmp_path):
             os.killpg(victim.pid, signal.SIGKILL)
 
         threading.Thread(target=kill_after_round_one, daemon=True).start()
-        summary = federation.run({**_job(cfg, tmp_path / "run"), "timeout": 60})
+        summary = federation.run({**job(cfg, tmp_path / "run"), "timeout": 60})
     per_client = summary["methods"]["dpfpl"]["per_client"]["local"]
     gone = [c for c in range(5) if c % 3 == 2]
     assert all(per_client[c] is None for c in gone)

@@ -8,7 +8,7 @@ from pfpl.backbones.prompt_tower import PromptTower
 from pfpl.data.clients import ClientData
 from pfpl.federation.client import TrainSettings, sgd_step
 from pfpl.federation.simulator import Simulator
-from pfpl.streams import Purpose, client_streams
+from pfpl.streams import Purpose, Streams, client_streams
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -50,12 +50,14 @@ def _step_params(sim, active):
 def test_vectorized_step_equals_loop_over_clients(world, name):
     sim = _sim(world, name)
     active = torch.arange(sim.n_clients)
-    batch = sim.data.batches(active, 1, 8, "shuffle", 3, 0)[0]
+    batch = sim.data.batches(active, 1, 8, "shuffle", Streams(3), 0)[0]
     norm = sim.sizes.clamp(max=8)
-    together, loss = sim.update.gradients(_step_params(sim, active), active, batch, norm, 0, 0)
+    together, loss = sim.update.gradients(_step_params(sim, active), active, batch, norm, 0, 0, sim.streams)
     for c in range(sim.n_clients):
         one = torch.tensor([c])
-        alone, l1 = sim.update.gradients(_step_params(sim, one), one, batch.rows(c, c + 1), norm[c : c + 1], 0, 0)
+        alone, l1 = sim.update.gradients(
+            _step_params(sim, one), one, batch.rows(c, c + 1), norm[c : c + 1], 0, 0, sim.streams
+        )
         assert torch.allclose(l1, loss[c : c + 1], atol=1e-6)
         for key in together:
             assert torch.allclose(together[key][c], alone[key][0], atol=1e-6), (name, key, c)
@@ -68,7 +70,7 @@ def test_round_equals_per_client_loop(world, name, sync):
     written here from the method's public pieces only."""
     sim = _sim(world, name, sync=sync, weight_decay=0.0)
     start = {k: v.clone() for k, v in sim.params.items()}
-    batches = sim.data.batches(torch.arange(sim.n_clients), sim.local_steps, 8, "shuffle", 3, 0)
+    batches = sim.data.batches(torch.arange(sim.n_clients), sim.local_steps, 8, "shuffle", Streams(3), 0)
     sim.run_round()
     lr, mom = sim.s.lr_at(0), sim.s.momentum
     weights = sim.sizes / sim.sizes.sum()
@@ -175,8 +177,8 @@ def test_a_client_draws_the_same_alone_as_in_any_batch(world):
     tower, train, clients, _ = world
     data = ClientData(train, clients)
     for sampling in ("shuffle", "poisson"):
-        with_all = data.batches(torch.tensor([0, 1, 2]), 3, 8, sampling, 7, 4)
-        alone = data.batches(torch.tensor([1]), 3, 8, sampling, 7, 4)
+        with_all = data.batches(torch.tensor([0, 1, 2]), 3, 8, sampling, Streams(7), 4)
+        alone = data.batches(torch.tensor([1]), 3, 8, sampling, Streams(7), 4)
         for s in range(3):
             m = with_all[s].mask[1].bool()
             assert torch.equal(with_all[s].y[1][m], alone[s].y[0][alone[s].mask[0].bool()])

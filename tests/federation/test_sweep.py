@@ -34,6 +34,8 @@ def test_sweep_writes_table_and_plot_and_meets_each_target(tmp_path):
     assert table["methods"]["coop"]["1"]["validation"]["local"] is not None  # chosen on val, never on test
     csv = (tmp_path / "sweep" / "sweep.csv").read_text().splitlines()
     assert csv[0].endswith(",val_local,val_neighbor") and len(csv) == 5
+    assert table["randomness"] == "secret" and table["methods"]["dpfpl"]["1"]["formal_guarantee"] is True
+    assert ",formal," in csv[0] and any(",accounted,yes," in line for line in csv)
 
 
 def test_a_sweep_folder_trained_with_another_config_is_refused_before_training(tmp_path):

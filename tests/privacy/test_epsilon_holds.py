@@ -22,6 +22,7 @@ from pfpl.federation.runner import build_engine, epsilons, train_settings
 from pfpl.messages import Contributions
 from pfpl.privacy.mechanisms import PerSampleDP, StepLoss
 from pfpl.privacy.rules import validate_dp
+from pfpl.streams import SeededDraws, Streams
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 DELTA = 1e-5
@@ -102,7 +103,7 @@ def test_shuffle_batches_never_hold_a_record_twice_and_appearances_are_counted()
     """n = 10, b = 4, 3 steps per round: the third batch used to straddle two permutations (77 of
     200 rounds held a record twice); now no batch does, and a record is charged per appearance."""
     for r in range(200):
-        batches = client_batches(10, 3, 4, "shuffle", 0, r, 0)
+        batches = client_batches(10, 3, 4, "shuffle", Streams(0), r, 0)
         assert all(len(set(b.tolist())) == len(b) == 4 for b in batches)
         assert int(torch.bincount(torch.cat(batches), minlength=10).max()) <= 2
 
@@ -126,7 +127,7 @@ def test_shuffle_epsilon_covers_every_appearance(world):
     for c, size in enumerate([10, 7]):
         seen = torch.zeros(size, dtype=torch.long)
         for r in range(3):
-            for b in client_batches(size, 3, 4, "shuffle", cfg.seed, r, c):
+            for b in client_batches(size, 3, 4, "shuffle", Streams(cfg.seed), r, c):
                 seen += torch.bincount(b, minlength=size)
         event = dp_accounting.SelfComposedDpEvent(gaussian(sigma / 2), int(seen.max()))
         assert epsilons(sim, plan)[c] >= pld_epsilon(event) * (1 - TOL)
@@ -156,7 +157,7 @@ def test_client_clipping_keeps_global_dp_noise(world):
         1,
         torch.tensor([2.0]),
     )
-    out = sim.server.aggregator(zeros, torch.Generator().manual_seed(0))
+    out = sim.server.aggregator(zeros, SeededDraws(torch.Generator().manual_seed(0)))
     expected_std = 2.0 * 1.5 * 0.5 / 4  # σ_G·C·a/B with a = 1/2 (equal weights), B = 4
     assert float(out.std()) == pytest.approx(expected_std, rel=0.03)
     assert math.isfinite(epsilons(sim, plan)[0])
@@ -211,7 +212,7 @@ def test_per_sample_noise_is_what_the_plan_says(tiny, classes):
         g, _ = PerSampleDP(0.7, 2.0, ("local",))(
             StepLoss({"local": leaf}, tower(leaf[:, None]), empty, 20.0),
             torch.tensor([4.0]),
-            [torch.Generator().manual_seed(k)],
+            [SeededDraws(torch.Generator().manual_seed(k))],
         )
         draws.append(g["local"].flatten())
     assert float(torch.stack(draws).std()) == pytest.approx(2.0 * 0.7 / 4, rel=0.03)
@@ -341,7 +342,7 @@ def independent_event(
         return dp_accounting.SelfComposedDpEvent(gaussian(sigma_eff, q), steps * rounds_taken)
     seen = torch.zeros(size, dtype=torch.long)
     for r in participated:
-        for b in client_batches(size, steps, batch, "shuffle", seed, r, client):
+        for b in client_batches(size, steps, batch, "shuffle", Streams(seed), r, client):
             seen += torch.bincount(b, minlength=size)
     return dp_accounting.SelfComposedDpEvent(gaussian(sigma_eff / 2), int(seen.max()))
 

@@ -24,7 +24,7 @@ from pfpl.privacy.mechanisms import (
     clipped_text_gradient,
 )
 from pfpl.privacy.rules import validate_dp
-from pfpl.streams import Purpose, client_streams
+from pfpl.streams import Purpose, SeededDraws, Streams, client_streams
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -55,13 +55,13 @@ def _step(sim, batch=None) -> StepLoss:
     params = {**sim.server.broadcast(everyone), **sim.local}
     views = sim.method.views(params, client_streams(0, Purpose.FACTORIZATION, everyone))
     text = sim.tower(views.ctx[:, None])
-    batch = batch or sim.data.batches(everyone, 1, 8, "shuffle", 1, 0)[0]
+    batch = batch or sim.data.batches(everyone, 1, 8, "shuffle", Streams(1), 0)[0]
     extra = sim.method.extra_loss(views, text, sim.tower, sim.update.reference)
     return StepLoss(views.leaves, text, batch, 20.0, extra)
 
 
 def _noise(n):
-    return client_streams(0, Purpose.SAMPLE_NOISE, range(n))
+    return Streams(0).rows(Purpose.SAMPLE_NOISE, range(n))
 
 
 @pytest.mark.parametrize("mechanism", ["feature", "per-sample"])
@@ -135,7 +135,7 @@ def test_feature_mode_noise_has_covariance_jt_sigma2c2_j(tiny, classes):
         g, _ = mech(
             StepLoss({"local": leaf}, tower(leaf[:, None]), empty, 20.0),
             torch.ones(1),
-            [torch.Generator().manual_seed(k)],
+            [SeededDraws(torch.Generator().manual_seed(k))],
         )
         draws.append(g["local"].flatten())
     draws = torch.stack(draws).double()
@@ -201,9 +201,12 @@ def test_calibrated_runs_meet_the_target_epsilon(world):
     assert isinstance(sim.update.mechanism, PerSampleDP) and isinstance(sim.server.aggregator, GlobalDP)
     _, feature = engine("dp.mode=feature", "dp.target_epsilon=2.0")
     assert feature.sigma < plan.sigma  # one mechanism needs less noise than two composed
-    off_sim, off = engine("dp.mode=per-sample", "dp.target_epsilon=2.0", "dp.global_dp=false")
-    off_sim.run_round()
-    assert math.isinf(max(epsilons(off_sim, off)))
+    with pytest.raises(PrivacyConfigError, match="cannot be met by dpfpl") as err:  # a target nothing meets
+        engine("dp.mode=per-sample", "dp.target_epsilon=2.0", "dp.global_dp=false")
+    assert "\n" not in str(err.value)
+    off_sim, off = engine("dp.mode=per-sample", "dp.noise_multiplier=1.0", "dp.global_dp=false")
+    off_sim.run_round()  # σ given directly: it runs, and says ε = ∞ (the global prompt is un-noised)
+    assert math.isinf(max(epsilons(off_sim, off))) and off.epsilon_kind == "none" and not off.formal()
 
 
 @pytest.mark.parametrize(
@@ -238,9 +241,11 @@ def _contributions(values, sizes, groups=None, n_groups=1):
 def test_client_level_dp_clips_each_client_and_weighs_them_equally():
     update = torch.tensor([[10.0, 0.0, 0.0], [0.0, 0.5, 0.0]])
     c = _contributions(update, torch.tensor([1.0, 9.0]))
-    mean = ClientLevelDP(WeightedMean(), clip=1.0)(c, torch.Generator())
+    mean = ClientLevelDP(WeightedMean(), clip=1.0)(c, SeededDraws(torch.Generator()))
     assert torch.allclose(mean, torch.tensor([[0.5, 0.25, 0.0]]))  # clipped to S, uniform mean
-    noisy = ClientLevelDP(WeightedMean(), clip=1.0, noise_multiplier=2.0)(c, torch.Generator().manual_seed(0))
+    noisy = ClientLevelDP(WeightedMean(), clip=1.0, noise_multiplier=2.0)(
+        c, SeededDraws(torch.Generator().manual_seed(0))
+    )
     assert not torch.allclose(noisy, mean)
 
 
@@ -249,11 +254,13 @@ def test_global_dp_noise_follows_the_largest_per_record_weight_in_each_group():
     values = torch.zeros(4, 20000)
     sizes = torch.tensor([10.0, 30.0, 100.0, 100.0])
     c = _contributions(values, sizes, torch.tensor([0, 0, 1, 1]), 2)
-    out = GlobalDP(WeightedMean(), noise_multiplier=2.0, clip=3.0, batch_size=32)(c, torch.Generator().manual_seed(1))
+    out = GlobalDP(WeightedMean(), noise_multiplier=2.0, clip=3.0, batch_size=32)(
+        c, SeededDraws(torch.Generator().manual_seed(1))
+    )
     expected = [2.0 * 3.0 * max(10 / 40 / 10, 30 / 40 / 30), 2.0 * 3.0 * 0.5 / 32]
     assert torch.allclose(out.std(dim=1), torch.tensor(expected), rtol=0.03)
     both = GlobalDP(ClientLevelDP(WeightedMean(), clip=1.0), noise_multiplier=2.0, clip=3.0, batch_size=32)
-    out = both(c, torch.Generator().manual_seed(2))
+    out = both(c, SeededDraws(torch.Generator().manual_seed(2)))
     expected = [2.0 * 3.0 * 0.5 / 10, 2.0 * 3.0 * 0.5 / 32]
     assert torch.allclose(out.std(dim=1), torch.tensor(expected), rtol=0.03)
 
@@ -290,6 +297,6 @@ def test_a_clients_noise_comes_from_its_own_stream(world):
     alone, _ = mech(
         StepLoss({"local": leaf}, text, alone_step.batch.rows(1, 2), 20.0),
         torch.ones(1),
-        client_streams(0, Purpose.SAMPLE_NOISE, [1]),
+        Streams(0).rows(Purpose.SAMPLE_NOISE, [1]),
     )
     assert torch.allclose(both["local"][1], alone["local"][0], atol=1e-5)

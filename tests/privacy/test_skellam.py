@@ -15,6 +15,7 @@ from scipy.stats import skellam as sk
 
 from pfpl.privacy import skellam
 from pfpl.privacy.accounting import Accountant
+from pfpl.streams import SeededDraws
 
 
 def exact_divergence(alpha: int, shift: int, lam: float) -> float:
@@ -58,7 +59,7 @@ def test_the_general_subsampling_bound_covers_the_tight_gaussian_one(sigma, q):
 
 
 def test_skellam_noise_is_closed_under_summation():
-    gen = torch.Generator().manual_seed(0)
+    gen = SeededDraws(torch.Generator().manual_seed(0))
     shares = sum(skellam.sample(30.0, (200000,), gen) for _ in range(4)).numpy()
     assert shares.dtype == np.int64
     assert shares.var() == pytest.approx(2 * 120.0, rel=0.02)  # Sk(4·30): variance 2·120

@@ -191,6 +191,11 @@ class Method(ABC):
         :class:`pfpl.federation.simulator.ServerPhase`."""
         return []
 
+    def public_facts(self) -> tuple[str, ...]:
+        """What this method's released prompt reveals by its structure and treats as public (a private
+        run's certificate lists it; empty: nothing beyond :data:`pfpl.privacy.plan.PUBLIC`)."""
+        return ()
+
 
 def normal(shape: tuple[int, ...], std: float, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(*shape, generator=gen) * std

@@ -3,9 +3,13 @@ alike, plus class-level prompts that never leave the client.
 
 Client i's context for class j is ``domain[k(i)] + class[i, j]`` — the paper's P_i = P_G + P_L with
 CoOp's class-specific context as the local part — where k(i) is the client's cluster (its group on
-the server) and class[i, j] is zero and frozen for a class the client does not hold. The class-level
-prompt is full rank, or ``U_ij · V_i`` with a rank-r U per class and one V per client
-(``secfpp.class_rank``).
+the server). The class-level prompt is full rank, or ``U_ij · V_i`` with a rank-r U per class and one
+V per client (``secfpp.class_rank``). Which classes carry one is the client's ``held`` mask: in a
+non-private run the classes its records hold (class[i, j] is zero and frozen for the others); in a
+private run every class (``covers_all_classes``): a row present only for the classes a client holds
+would reveal its label set whatever the noise, so every row trains through the DP mechanism and
+the released prompt's structure does not depend on the records — unless the label set is declared
+public (``secfpp.public_label_set``), which the prompt's certificate then states.
 
 After the first round and then every ``secfpp.recluster_every`` rounds, the server runs SecPC
 (:mod:`pfpl.secure.secpc`) on a per-client vector each client computes from its own data and
@@ -40,6 +44,8 @@ class SecFPP(Method):
         self.rank = int(self.settings.extra.get("class_rank", 1))
         self.every = int(self.settings.extra.get("recluster_every", 5))
         self.cluster_on = str(self.settings.extra.get("cluster_on", "images"))
+        # a private run: every class carries a class-level prompt (None: the client's held classes)
+        self.covers_all_classes = bool(self.settings.extra.get("covers_all_classes", False))
         self.secpc: SecPCSettings = self.settings.extra.get("secpc", SecPCSettings())
         local = (
             (Param("class_u", Scope.LOCAL, private=True), Param("class_v", Scope.LOCAL, private=True))
@@ -54,6 +60,8 @@ class SecFPP(Method):
     def init_local(self, n_ctx, dim, gen, held=None):
         if held is None:
             raise ValueError("SecFPP's class-level prompts need the classes the client holds")
+        if self.covers_all_classes:
+            held = torch.ones_like(held, dtype=torch.bool)
         c = len(held)
         if self.rank:  # U starts at zero, V random: the class-level prompt starts at zero but can move
             return {
@@ -90,6 +98,13 @@ class SecFPP(Method):
             held = local["held"].clamp(min=0)
             mean = cls.sum(1) / held.sum(1).clamp(min=1)[:, None, None]
         return mean.flatten(1).double().cpu().numpy()
+
+    def public_facts(self) -> tuple[str, ...]:
+        if self.covers_all_classes:
+            return ()
+        return (
+            "each client's label set: class-level prompts exist for its held classes only (secfpp.public_label_set)",
+        )
 
     def server_phases(self) -> list:
         if self.secure_clustering is None:

@@ -59,6 +59,7 @@ from pfpl.audit.shadows import AuditTarget, PersonalCopy, ShadowTraining, shadow
 from pfpl.config import Config
 from pfpl.data.features import Features
 from pfpl.errors import AuditError
+from pfpl.privacy.modes import mode_of
 
 NONMEMBER_SPLIT = "val"
 SHADOW_SPLIT = "test"
@@ -328,7 +329,7 @@ def audit_run(
         "confidence": confidence,
         "seed": seed,
         "dp_mode": cfg.dp.mode,
-        "target_epsilon": cfg.dp.target_epsilon if cfg.dp.mode != "off" else None,
+        "target_epsilon": cfg.dp.target_epsilon if mode_of(cfg.dp).noises else None,
         "protocol": {
             "members": "the target client's training records (train split)"
             + (f", a random {max_members} per client" if max_members else ""),
@@ -350,7 +351,7 @@ def audit_run(
         row_of = {g: i for i, g in enumerate(groups)}
         eps_per_client = result.get("epsilon_per_client") or [None] * n_clients
         privacy = result.get("privacy", {})
-        sigma = privacy.get("noise_multiplier") if privacy.get("mode") in ("feature", "per-sample") else None
+        sigma = privacy.get("noise_multiplier") if mode_of(privacy.get("mode", "off")).formal else None
         training = ShadowTraining(
             method=m,
             engine=engine,

@@ -18,6 +18,7 @@ from pfpl.data.features import Features
 from pfpl.errors import AuditError
 from pfpl.federation.client import TrainSettings
 from pfpl.federation.simulator import Simulator
+from pfpl.privacy.modes import mode_of
 from pfpl.privacy.plan import PrivacyPlan
 
 
@@ -79,7 +80,7 @@ def _shadow_config(cfg: Config | None, sigma: float | None) -> Config:
     """The run's config with σ fixed to what the run used (shadows replicate the mechanism, not the target ε)."""
     cfg = cfg or Config()
     dp = cfg.dp
-    if dp.mode in ("feature", "per-sample") and sigma is not None:
+    if mode_of(dp).formal and sigma is not None:
         dp = dp.model_copy(update={"target_epsilon": None, "noise_multiplier": float(sigma)})
     return cfg.model_copy(update={"dp": dp})
 
@@ -117,7 +118,7 @@ def shadow_simulator(
     else:
         method = base
     engine = replace(training.engine, participation=1.0, lr=lr, seed=seed, train_shared=False)
-    if training.config is None or training.config.dp.mode == "off":
+    if training.config is None or not mode_of(training.config.dp).noises:
         engine = replace(engine, sampling="shuffle")
     cfg = _shadow_config(training.config, training.noise_multiplier)
     sim, plan = build_engine(

@@ -5,7 +5,6 @@ model, timed in the same run."""
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections.abc import Callable
@@ -14,7 +13,8 @@ import numpy as np
 import torch
 
 from pfpl.benchmarks.flops import timed
-from pfpl.secure.graph import default_degree, neighbours
+from pfpl.secure.aggregator import SecureSettings
+from pfpl.secure.graph import neighbours
 from pfpl.secure.protocol import run_in_memory
 
 CLIENTS = (10, 100, 1000)
@@ -23,16 +23,17 @@ TRAINED = "embedded 16×64"  # the vector the timed training round shares
 FULL_GRAPH_MAX = 100  # the full graph costs O(n²): 1000 clients would take minutes per round on a CPU
 
 
-def protocol_round(n: int, length: int, graph: str, threshold: float = 0.6, dropout: int = 0, seed: int = 0) -> dict:
-    """Time one protocol instance over n clients with random ring vectors of ``length`` (+1 count)."""
-    degree = n - 1 if graph == "full" else default_degree(n)
+def protocol_round(
+    n: int, length: int, graph: str, dropout: int = 0, seed: int = 0, settings: SecureSettings | None = None
+) -> dict:
+    """Time one protocol instance over n clients with random ring vectors of ``length`` (+1 count), with
+    the degree and threshold pfpl's defaults choose for n (:func:`pfpl.secure.params.choose`)."""
+    degree, threshold = (settings or SecureSettings(graph=graph)).params_for(n)
     rng = np.random.default_rng(seed)
     vectors = {c: rng.integers(0, 2**63, length + 1, dtype=np.uint64) for c in range(n)}
     drops = {int(c): "masked" for c in rng.choice(n, size=dropout, replace=False)} if dropout else {}
     start = time.perf_counter()
-    t = run_in_memory(
-        vectors, math.ceil(threshold * (degree + 1)), neighbours(list(range(n)), degree, seed), drops=drops
-    )
+    t = run_in_memory(vectors, threshold, neighbours(list(range(n)), degree, seed), drops=drops)
     wall = time.perf_counter() - start
     client = list(t.client_seconds.values())
     return {
@@ -40,6 +41,7 @@ def protocol_round(n: int, length: int, graph: str, threshold: float = 0.6, drop
         "length": length,
         "graph": graph,
         "degree": degree,
+        "threshold": threshold,
         "wall_s": wall,
         "client_s_mean": statistics.mean(client),
         "client_s_max": max(client),
@@ -81,8 +83,63 @@ def training_round(n: int, steps: int = 5, records: int = 32, seed: int = 0, met
     return timed(sim.run_round, torch.device("cpu"))
 
 
-def run_secagg_bench(clients=CLIENTS, log: Callable[[str], None] | None = None) -> dict:
+#: failure-rate measurement: each client drops with this probability at a phase drawn from the four
+FAILURE_DROPOUT = 0.2
+PROTOCOL_INSTANCES = {10: 400, 30: 300, 100: 40}  # real protocol runs (the 1000-client one is minutes each)
+EVENT_DRAWS = 20_000
+
+
+def failure_rates(clients=(10, 30, 100, 1000), dropout: float = FAILURE_DROPOUT, seed: int = 0) -> list[dict]:
+    """How often an instance cannot complete with pfpl's default parameters at ``dropout``: measured by
+    running the protocol (n ≤ 100) and, for every n, the rate of the event that covers every failure
+    — some client with fewer than t holders that never drop (when every client has t, every seed and
+    key is rebuilt and no client-side check fires) — over many drawn drop patterns, beside the bound
+    the parameters were chosen by (:func:`pfpl.secure.params.failure_bound`)."""
+    from pfpl.secure import params
+    from pfpl.secure.protocol import PHASES, SecureAggregationError
+
+    out = []
+    for n in clients:
+        settings = SecureSettings(dropout=dropout)
+        degree, t = settings.params_for(n)
+        graph = neighbours(list(range(n)), degree, seed)
+        rng = np.random.default_rng(seed + n)
+        holders = np.array([sorted({c, *graph[c]}) for c in range(n)])  # [n, k + 1]
+        alive = rng.random((EVENT_DRAWS, n)) >= dropout
+        event = float(((alive[:, holders].sum(-1)) < t).any(-1).mean())
+        measured, instances = None, PROTOCOL_INSTANCES.get(n, 0)
+        if instances:
+            vectors = {c: np.array([c], dtype=np.uint64) for c in range(n)}
+            failed = 0
+            for _ in range(instances):
+                drops = {int(c): PHASES[int(rng.integers(0, 4))] for c in np.flatnonzero(rng.random(n) < dropout)}
+                try:
+                    run_in_memory(vectors, t, graph, drops=drops)
+                except SecureAggregationError:
+                    failed += 1
+            measured = failed / instances
+        out.append(
+            {
+                "clients": n,
+                "dropout": dropout,
+                "degree": degree,
+                "threshold": t,
+                "bound": params.failure_bound(n, degree, t, dropout),
+                "event_rate": event,
+                "event_draws": EVENT_DRAWS,
+                "protocol_rate": measured,
+                "protocol_instances": instances,
+            }
+        )
+    return out
+
+
+def run_secagg_bench(
+    clients=CLIENTS, failure_clients=(10, 30, 100, 1000), log: Callable[[str], None] | None = None
+) -> dict:
     say = log or (lambda message: None)
+    say("failure rates at 20% dropout")
+    failures = failure_rates(failure_clients)
     rows, rounds = [], {}
     for n in clients:
         say(f"training round with {n} clients")
@@ -99,6 +156,7 @@ def run_secagg_bench(clients=CLIENTS, log: Callable[[str], None] | None = None) 
                 rows.append(row)
     return {
         "rows": rows,
+        "failures": failures,
         "training_round_s": rounds,
         "threads": torch.get_num_threads(),
         "note": "one CPU simulates every client and the server; a deployment runs the clients in parallel, "
@@ -122,4 +180,12 @@ def format_secagg(result: dict) -> str:
             )
         )
     lines.append(result["note"])
+    lines.append(f"failure per instance at {FAILURE_DROPOUT:.0%} dropout (defaults: degree k, threshold t):")
+    lines.append(f"{'clients':>7} {'k':>4} {'t':>4} {'bound':>8} {'event':>8} {'protocol':>16}")
+    for f in result.get("failures", []):
+        measured = f"{f['protocol_rate']:.2%} of {f['protocol_instances']}" if f["protocol_rate"] is not None else "—"
+        lines.append(
+            f"{f['clients']:>7} {f['degree']:>4} {f['threshold']:>4} {f['bound']:>8.2%} {f['event_rate']:>8.2%} "
+            f"{measured:>16}"
+        )
     return "\n".join(lines)

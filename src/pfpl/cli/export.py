@@ -31,10 +31,17 @@ def command(args: argparse.Namespace) -> int:
 
     artifact = export_prompt(args.run_dir, args.method, args.client)
     artifact.save(args.out)
-    eps = artifact.certificate["epsilon"]
+    cert = artifact.certificate
+    eps = cert["epsilon"]
+    if eps is None:
+        privacy = "no finite ε"
+    else:
+        privacy = f"ε = {eps:.3g} (δ = {cert['delta']:g})"
+        if not cert.get("formal_guarantee"):
+            why = "nominal" if cert.get("epsilon_kind") == "nominal" else cert.get("randomness", "")
+            privacy += f", NO formal guarantee ({why})"
     print(
         f"wrote {args.out}: {artifact.method} client {artifact.client}, {len(artifact.classnames)} classes, "
-        f"{artifact.n_ctx} context tokens on {artifact.backbone}; "
-        + (f"ε = {eps:.3g} (δ = {artifact.certificate['delta']:g})" if eps is not None else "no formal guarantee")
+        f"{artifact.n_ctx} context tokens on {artifact.backbone}; {privacy}"
     )
     return 0

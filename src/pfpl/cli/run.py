@@ -86,6 +86,8 @@ def print_table(summary: dict) -> None:
         eps_text = "—" if name == "zero-shot" else "∞" if eps is None else f"{eps:.2f} ({privacy.get('delta'):g})"
         if privacy.get("nominal"):
             eps_text += " nominal"
+        elif eps is not None and privacy.get("randomness") == "seeded" and m.get("epsilon_kind") == "accounted":
+            eps_text += " seeded, not formal"  # the noise is regenerable from the config seed
         extra = [f"{m['ari']:.2f}" if m.get("ari") is not None else "—"] if any("ari" in x for _, x in rows) else []
         table.add_row(name, *[cell(m, k) for k in columns], eps_text, *extra)
     Console().print(table)

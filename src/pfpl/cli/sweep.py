@@ -74,7 +74,14 @@ def print_sweep(table: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"local / neighbor accuracy by target ε ({table['mode']} mode, δ = {table['delta']:g})")
+    caveat = (
+        ", NOMINAL ε"
+        if table.get("nominal")
+        else ", SEEDED noise: no formal guarantee"
+        if table.get("randomness") == "seeded"
+        else ""
+    )
+    t = Table(title=f"local / neighbor accuracy by target ε ({table['mode']} mode, δ = {table['delta']:g}{caveat})")
     t.add_column("method")
     for label in table["epsilons"]:
         t.add_column("ε=∞" if label == "inf" else f"ε={label}", justify="right")

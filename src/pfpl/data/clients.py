@@ -1,8 +1,10 @@
 """Each client's training records and the batches it draws from them (DESIGN §4).
 
-Batch draws come from the client's own streams, so a client draws the same batches whether it
-trains alone (a Flower node, the reference compute pattern) or with every other client at once
-(the vectorized simulator, which pads the clients' batches to one width and masks the padding).
+Batch draws come from the client's own mechanism streams (:class:`~pfpl.streams.Streams`: secret
+in a private run, since knowing which records a batch holds voids the amplification by subsampling
+the accountant claims), so a client draws the same batches whether it trains alone (a Flower node,
+the reference compute pattern) or with every other client at once (the vectorized simulator, which
+pads the clients' batches to one width and masks the padding).
 
 Sampling modes:
 
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from pfpl.data.features import Features
-from pfpl.streams import Purpose, stream
+from pfpl.streams import Purpose, Streams
 
 SAMPLING_MODES = ("shuffle", "poisson")
 
@@ -55,23 +57,23 @@ def appearances_per_round(size: int, steps: int, batch_size: int) -> int:
 
 
 def client_batches(
-    size: int, steps: int, batch_size: int, sampling: str, seed: int, round: int, client: int
+    size: int, steps: int, batch_size: int, sampling: str, streams: Streams, round: int, client: int
 ) -> list[torch.Tensor]:
     """Positions (into the client's own records) of each step's batch, from the client's streams."""
     b = expected_batch(size, batch_size)
     if sampling == "poisson":
         rate = b / size
         return [
-            torch.nonzero(torch.rand(size, generator=stream(seed, Purpose.POISSON, round, s, client)) < rate).flatten()
+            torch.nonzero(streams.draws(Purpose.POISSON, round, s, client).uniform(size) < rate).flatten()
             for s in range(steps)
         ]
     if sampling != "shuffle":
         raise ValueError(f"sampling {sampling!r}: allowed {', '.join(SAMPLING_MODES)}")
-    gen = stream(seed, Purpose.BATCH_ORDER, round, 0, client)
+    draws = streams.draws(Purpose.BATCH_ORDER, round, 0, client)
     per_permutation = size // b
     out: list[torch.Tensor] = []
     while len(out) < steps:
-        order = torch.randperm(size, generator=gen)
+        order = draws.permutation(size)
         out += [order[k * b : (k + 1) * b] for k in range(min(per_permutation, steps - len(out)))]
     return out
 
@@ -112,14 +114,15 @@ class ClientData:
         steps: int,
         batch_size: int,
         sampling: str,
-        seed: int,
+        streams: Streams,
         round: int,
         only: range | None = None,
     ) -> list[Batch]:
         """Every step's batch for ``clients`` (or the steps in ``only``: a node answering one exchange of
-        a round gathers just those), padded to one width per step and masked."""
+        a round gathers just those), padded to one width per step and masked; ``streams`` holds the
+        clients' batch draws."""
         ids = clients.tolist()
-        positions = [client_batches(len(self.clients[c]), steps, batch_size, sampling, seed, round, c) for c in ids]
+        positions = [client_batches(len(self.clients[c]), steps, batch_size, sampling, streams, round, c) for c in ids]
         out = []
         for s in only if only is not None else range(steps):
             takes = [self.clients[c][positions[i][s]] for i, c in enumerate(ids)]

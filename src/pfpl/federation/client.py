@@ -1,8 +1,9 @@
 """The client update (DESIGN §4): the one training loop, for B ≥ 1 clients at once.
 
 It takes the shared parameters the clients received, their local state (local parameters and
-optimizer rows), their batches, and draws every random number from the clients' own streams; it
-returns what they upload. The vectorized simulator calls it for all participants together, a
+optimizer rows), their batches and their mechanism streams (their DP noise: secret in a private
+run), and draws every other random number from the clients' public streams; it returns what they
+upload. The vectorized simulator calls it for all participants together, a
 one-client deployment (a Flower node, the reference compute pattern of ``pfpl bench``) for one
 client; both get the same result. Privacy is the :class:`~pfpl.privacy.mechanisms.GradientMechanism`
 it is built with.
@@ -21,7 +22,7 @@ from pfpl.backbones.prompt_tower import PromptTower
 from pfpl.data.clients import Batch
 from pfpl.messages import Upload
 from pfpl.privacy.mechanisms import BatchMean, GradientMechanism, StepLoss
-from pfpl.streams import Purpose, client_streams
+from pfpl.streams import Purpose, Streams, client_streams
 
 SYNC_MODES = ("step", "fedavg")
 
@@ -42,6 +43,7 @@ class TrainSettings:
     seed: int = 0
     sampling: str = "shuffle"  # "shuffle" or "poisson" (see pfpl.data.clients)
     train_shared: bool = True  # False: shared parameters stay fixed (audit shadows on a released prompt)
+    private: bool = False  # a private run (pfpl.privacy.modes.is_private): the loss never leaves a client
 
     def lr_at(self, round_index: int) -> float:
         if not self.cosine:
@@ -118,13 +120,14 @@ class ClientUpdate:
         normaliser: torch.Tensor,
         round_index: int,
         step: int,
+        streams: Streams,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Gradients of the persistent parameters and the per-client loss for one batch."""
         seed = self.s.seed
         views = self.method.views(params, client_streams(seed, Purpose.FACTORIZATION, clients, round_index, step))
         text = self.method.text_features(self.tower, views)
         extra = self.method.extra_loss(views, text, self.tower, self.reference)
-        noise = client_streams(seed, Purpose.SAMPLE_NOISE, clients, round_index, step)
+        noise = streams.rows(Purpose.SAMPLE_NOISE, clients, round_index, step)
         leaf_grads, loss = self.mechanism(StepLoss(views.leaves, text, batch, self.scale, extra), normaliser, noise)
         return self.method.param_grads(views, leaf_grads), loss
 
@@ -135,12 +138,13 @@ class ClientUpdate:
         batches: list[Batch],
         sizes: torch.Tensor,
         round_index: int,
-        first_step: int = 0,
+        first_step: int,
+        streams: Streams,
     ) -> Upload:
         """``shared``: the shared parameters each client received ``[B, ...]``; ``state`` is updated in
         place; ``batches``: one per local step and stage (one in ``step`` sync, where each step is an
-        exchange). A method with several stages (FedSP) trains a different part in each, on its own
-        share of the batches."""
+        exchange); ``streams``: the clients' mechanism draws. A method with several stages (FedSP)
+        trains a different part in each, on its own share of the batches."""
         s = self.s
         lr = s.lr_at(round_index)
         fedavg = s.sync == "fedavg"
@@ -153,7 +157,7 @@ class ClientUpdate:
         for k, batch in enumerate(batches):
             trains = stages[min(k // per_stage, len(stages) - 1)].trainable
             grads, loss = self.gradients(
-                {**copies, **state.params}, state.clients, batch, normaliser, round_index, first_step + k
+                {**copies, **state.params}, state.clients, batch, normaliser, round_index, first_step + k, streams
             )
             losses.append(loss)
             with torch.no_grad():
@@ -171,6 +175,8 @@ class ClientUpdate:
                 values = {n: grads[n].detach() for n in shared}
         extras = self.method.upload_extras(state.params)
         loss = torch.stack(losses).mean(0) if losses else sizes * 0
+        if s.private:  # a diagnostic no mechanism covers (client-level DP's mechanism is not the client's)
+            loss = torch.full_like(loss, float("nan"))
         return Upload(state.clients, values, sizes, loss, extras)
 
     def _sgd(self, params, momentum, name, buf_name, grad, lr) -> None:

@@ -19,22 +19,29 @@ _CERTIFICATE_FIELDS = (
     "sampling",
     "accountant",
     "epsilon_kind",
+    "randomness",  # "secret": the noise came from the client's own secret; "seeded": from the config seed
+    "holds_against",  # each party DESIGN §5 names -> None where ε holds against it, else why not
+    "public",  # what the guarantee treats as public (not protected)
+    "secure_aggregation",
+    "client_level",
 )
 
 
 def certificate(summary: dict, method: str, client: int, audit: dict | None) -> dict[str, Any]:
-    """What the run's accountant (and audit, if any) says about this client's released prompt."""
+    """What the run's accountant (and audit, if any) says about this client's released prompt. The
+    plan decides whether the guarantee is formal (``privacy.formal_guarantee``: an accounted mode,
+    something noised, noise from the parties' secrets); data-dependent figures no mechanism covers
+    stay out, except the audit's federation-wide attack summary, labelled as not covered."""
     entry = summary["methods"][method]
     privacy = entry.get("privacy") or {}
     per_client = entry.get("epsilon_per_client") or []
     epsilon = per_client[client] if client < len(per_client) else None
-    mode = privacy.get("mode", "off")
-    formal = epsilon is not None and mode in ("feature", "per-sample") and not privacy.get("nominal", False)
+    formal = epsilon is not None and bool(privacy.get("formal_guarantee", False))
     guarantee = privacy.get("guarantee", "none")
     setup = summary.get("setup", {})
     out: dict[str, Any] = {
         "method": method,
-        "dp_mode": mode,
+        "dp_mode": privacy.get("mode", "off"),
         "epsilon": epsilon,  # None: no finite bound (∞)
         **{k: privacy.get(k) for k in _CERTIFICATE_FIELDS},
         "rounds": setup.get("rounds"),
@@ -47,12 +54,12 @@ def certificate(summary: dict, method: str, client: int, audit: dict | None) -> 
     if audit and method in audit.get("methods", {}):
         report = audit["methods"][method]
         rows = list(report.get("attacks", {}).values())
-        mine = report.get("per_client", {}).get(str(client), {}).get("attacks", {})
         out["audit"] = {
             "auc_max": max((r["auc"] for r in rows), default=None),
             "eps_lower_bound_max": max((r["eps_lower_bound"] for r in rows), default=None),
-            "client_eps_lower_bound_max": max((r["eps_lower_bound"] for r in mine.values()), default=None),
             "attacks": sorted(report.get("attacks", {})),
+            # an empirical check on the audited clients' records, outside every accountant
+            "covered_by_epsilon": False,
         }
     return out
 
@@ -99,7 +106,9 @@ def export_prompt(run_dir: Path | str, method: str, client: int) -> PromptArtifa
     provenance = {
         "run": str(Path(run_dir).resolve()),
         "dataset": cfg.data.dataset,
+        # measured on the client's test records, which no ε covers (they are not its training records)
         **{f"{k}_accuracy": v[client] for k, v in per_client.items() if client < len(v)},
+        "accuracy_covered_by_epsilon": False,
     }
     return PromptArtifact(
         context=prompts.context[client],

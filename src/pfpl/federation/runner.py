@@ -31,7 +31,7 @@ from pfpl.data import build_dataset
 from pfpl.data.clients import ClientData
 from pfpl.data.features import Features, image_features
 from pfpl.data.partitions import make_partition
-from pfpl.errors import CheckpointError
+from pfpl.errors import CheckpointError, ConfigError
 from pfpl.evaluation.federated import EvalPlan, evaluate_clients
 from pfpl.evaluation.zeroshot import zero_shot_text_features
 from pfpl.federation.client import TrainSettings, steps_per_round
@@ -39,9 +39,11 @@ from pfpl.federation.simulator import Simulator
 from pfpl.messages import WeightedMean
 from pfpl.privacy.clipping import quantile_clip, record_gradient_norms
 from pfpl.privacy.defaults import private_sgd as private_sgd_default
+from pfpl.privacy.modes import is_private, mode_of, secret_randomness
 from pfpl.privacy.plan import MethodLeaves, PrivacyPlan, TrainingShape, plan_privacy
 from pfpl.privacy.rules import validate_dp
 from pfpl.prompts.coop import phrase_context
+from pfpl.streams import SERVER, Streams
 
 Progress = Callable[[str, int, int], None]
 log = logging.getLogger(__name__)
@@ -51,7 +53,7 @@ def private_sgd(cfg: Config) -> tuple[float, float]:
     """(learning rate, momentum) of this run: train's for a non-private run, dp's (or pfpl's default for
     the mechanism and target ε, :mod:`pfpl.privacy.defaults`) for a private one."""
     t, dp = cfg.train, cfg.dp
-    if dp.mode == "off":
+    if not mode_of(dp).noises:
         return t.lr, t.momentum
     chosen = private_sgd_default(dp.mode, dp.target_epsilon) if dp.target_epsilon else None
     lr, momentum = chosen or (t.lr, t.momentum)
@@ -61,7 +63,7 @@ def private_sgd(cfg: Config) -> tuple[float, float]:
 def train_settings(cfg: Config) -> TrainSettings:
     f, t = cfg.federation, cfg.train
     lr, momentum = private_sgd(cfg)
-    sampling = cfg.dp.sampling if cfg.dp.mode != "off" else "shuffle"
+    sampling = cfg.dp.sampling if mode_of(cfg.dp).noises else "shuffle"
     return TrainSettings(
         rounds=f.rounds,
         local_steps=f.local_steps,
@@ -76,6 +78,7 @@ def train_settings(cfg: Config) -> TrainSettings:
         cosine=t.cosine,
         seed=cfg.seed,
         sampling=sampling,
+        private=is_private(cfg.dp),
     )
 
 
@@ -106,6 +109,7 @@ def method_settings(cfg: Config, backbone: OpenClipBackbone) -> MethodSettings:
             "class_rank": s.class_rank,
             "recluster_every": s.recluster_every,
             "cluster_on": s.cluster_on,
+            "covers_all_classes": is_private(cfg.dp) and not s.public_label_set,
             "secpc": secpc,
         },
     )
@@ -118,6 +122,7 @@ def method_leaves(method: Method) -> MethodLeaves:
         method.name,
         tuple(x for x in method.leaves if method.is_private_leaf(x)),
         tuple(x for x in method.leaves if method.param_of(x) in shared),
+        method.public_facts(),
     )
 
 
@@ -138,15 +143,54 @@ def plan_for(cfg: Config, method: Method, sizes: list[int], settings: TrainSetti
         participation=settings.participation,
         sampling=settings.sampling,
         client_sampling=settings.client_sampling,
+        randomness="secret" if secret_randomness(cfg.dp) else "seeded",
         shared_numel=shared_numel(method, cfg.prompt.n_ctx, dim),
         secure_noise_bits=cfg.secure.noise_bits if cfg.federation.secure_aggregation else None,
+        colluders="t - 1 (the most the threshold t tolerates)"
+        if cfg.secure.colluders is None
+        else f"{cfg.secure.colluders} (secure.colluders)",
     )
-    return plan_privacy(cfg.dp, method_leaves(method), shape)
+    plan = plan_privacy(cfg.dp, method_leaves(method), shape)
+    if cfg.federation.secure_aggregation and method.shares:
+        check_secure(cfg, plan, sizes, shape.shared_numel, settings)
+    return plan
 
 
-def build_aggregator(cfg: Config, plan: PrivacyPlan):
+def check_secure(cfg: Config, plan: PrivacyPlan, sizes: list[int], dim: int, settings: TrainSettings) -> None:
+    """Refuse, before any training, secure-aggregation settings that break the protocol's rules for an
+    instance of every client (:mod:`pfpl.secure.params`), colluders the threshold cannot stop, or a
+    ring that could wrap: the size coordinate, the distributed noise's tails and, where clipping
+    bounds them, the values (client-level clip S; the shared gradient of per-sample global DP with
+    fixed-size batches, ≤ C per client, weighted by n_i)."""
+    aggregator = build_aggregator(cfg, plan)
+    n = len(sizes)
+    threshold = aggregator.settings.threshold_for(n)
+    colluders = cfg.secure.colluders
+    if colluders is not None and colluders >= threshold:
+        raise ConfigError(
+            f"config error: secure.colluders = {colluders} is not below the threshold t = {threshold} of {n} "
+            "clients: that many colluders could rebuild an honest client's masks; lower it or raise secure.threshold"
+        )
+    if plan.client_clip > 0:
+        bound = plan.client_clip
+    elif plan.has_shared_global and settings.sampling == "shuffle" and settings.sync == "step":
+        bound = plan.clip * max(sizes)
+    else:
+        bound = None
+    aggregator.check_ring(len(sizes), aggregator.vector_length(dim), max(sizes), bound)
+
+
+def run_streams(cfg: Config, n_clients: int) -> tuple[Streams, Streams]:
+    """(the clients', the server's) mechanism streams of a run: fresh secrets from OS entropy in a
+    private run (unless ``dp.randomness = 'seeded'``), the config seed otherwise."""
+    secret = secret_randomness(cfg.dp)
+    return Streams.create(cfg.seed, range(n_clients), secret), Streams.create(cfg.seed, [SERVER], secret)
+
+
+def build_aggregator(cfg: Config, plan: PrivacyPlan, clients: Streams | None = None):
     """The server's aggregator: SecAgg+ with the plan's distributed DP, or the plan's plaintext DP
-    wrappers around a weighted mean."""
+    wrappers around a weighted mean. ``clients``: the clients' mechanism streams, where this process
+    plays their side of the protocol (their distributed-DP shares)."""
     if not cfg.federation.secure_aggregation:
         return plan.wrap_aggregator(WeightedMean())
     from pfpl.secure.aggregator import SecureAggregator, SecureSettings
@@ -160,8 +204,11 @@ def build_aggregator(cfg: Config, plan: PrivacyPlan):
         degree=s.degree,
         noise_bits=s.noise_bits,
         seed=cfg.seed,
+        colluders=s.colluders,
+        dropout=s.dropout_tolerance if s.dropout_tolerance is not None else max(0.1, cfg.federation.dropout),
+        failure_target=s.failure_target,
     )
-    return SecureAggregator(settings, **plan.secure_policy())
+    return SecureAggregator(settings, **plan.secure_policy(), clients=clients)
 
 
 def build_engine(
@@ -179,6 +226,7 @@ def build_engine(
     settings = settings or train_settings(cfg)
     method = method or get_method(method_name)(method_settings(cfg, tower.backbone))
     plan = plan_for(cfg, method, data.sizes(), settings, tower.backbone.ctx_dim)
+    clients, server = run_streams(cfg, data.n_clients)
     sim = Simulator(
         method,
         tower,
@@ -187,9 +235,11 @@ def build_engine(
         scale,
         reference,
         mechanism=plan.gradient_mechanism(),
-        aggregator=build_aggregator(cfg, plan),
+        aggregator=build_aggregator(cfg, plan, clients),
         charges=plan,
         phases=method.server_phases(),
+        streams=clients,
+        server_streams=server,
     )
     return sim, plan
 
@@ -270,12 +320,12 @@ class Benchmark:
         """The run's config as one method runs it: with ``dp.clip_quantile``, ``dp.clip`` is measured on the
         val split at the method's initial prompt (:mod:`pfpl.privacy.clipping`)."""
         dp = self.cfg.dp
-        if dp.clip_quantile is None or dp.mode not in ("feature", "per-sample"):
+        space = mode_of(dp).clip_space
+        if dp.clip_quantile is None or space is None:
             return self.cfg
         if method_name not in self._clips:
             sim, _ = self._engine(method_name, self.cfg)
             val = self.val
-            space = "feature" if dp.mode == "feature" else "context"
             ctx = sim.personalized_context()[0]
             scale = self.backbone.logit_scale
             norms = record_gradient_norms(self.tower, ctx, val.features, val.labels, scale, space)
@@ -407,11 +457,6 @@ def released(sim: Simulator, clients: list) -> ReleasedPrompts:
     )
 
 
-def private(cfg: Config) -> bool:
-    """Whether any DP mechanism runs (then data-dependent diagnostics such as the loss stay unwritten)."""
-    return cfg.dp.mode != "off" or cfg.dp.client_clip > 0
-
-
 def epsilons(sim: Simulator, plan: PrivacyPlan) -> list[float]:
     """Every client's ε(δ) for its released prompt, from its own accountant."""
     return [plan.client_epsilon(sim.ledgers[c], int(sim.participations[c])) for c in range(sim.n_clients)]
@@ -425,6 +470,8 @@ def privacy_record(sim: Simulator, plan: PrivacyPlan) -> dict:
         "epsilon": _finite(max(eps)),
         "epsilon_per_client": [_finite(e) for e in eps],
         "epsilon_kind": plan.epsilon_kind,
+        "formal_guarantee": plan.formal(),
+        "randomness": plan.randomness,
         "client_level_epsilon": client_level,
     }
 
@@ -478,7 +525,9 @@ class SimulatedTraining:
 
     def finish(self, folder: RunFolder) -> dict:
         folder.save_prompts(self.name, released(self.sim, self.bench.partition.clients))
+        failures = getattr(self.sim.server.aggregator, "failures", None)
         return {
+            **({} if failures is None else {"secure_failures": len(failures)}),
             "privacy": self.plan.describe(),
             "validation": self.bench.validate(self.name, self.sim.text_features()),
             **grouping(self.sim, self.bench),
@@ -537,7 +586,7 @@ def run(
         while sim.round < cfg.federation.rounds:
             t0 = time.time()
             info = sim.run_round()
-            if private(cfg) or math.isnan(info["loss"]):  # the un-noised loss is not covered by ε
+            if is_private(cfg.dp) or math.isnan(info["loss"]):  # the un-noised loss is not covered by ε
                 info.pop("loss")
             result = sim.evaluate()
             record = sim.privacy_record()
@@ -590,6 +639,7 @@ def run(
             "rounds": cfg.federation.rounds,
             "sync": cfg.federation.sync,
             "dp": cfg.dp.mode,
+            "randomness": "secret" if secret_randomness(cfg.dp) else "seeded",
             "local_steps": steps_per_round(bench.partition.sizes(), train_settings(cfg)),
         },
     }
@@ -603,7 +653,7 @@ def run_title(setup: dict, cfg: Config) -> str:
     dp = cfg.dp
     privacy = (
         "no DP"
-        if dp.mode == "off"
+        if not mode_of(dp).noises
         else f"DP {dp.mode}, δ = {dp.delta:g}"
         + (f", target ε = {dp.target_epsilon:g}" if dp.target_epsilon is not None else f", σ = {dp.noise_multiplier:g}")
     )

@@ -10,7 +10,7 @@ from pfpl.algorithms.base import Method
 from pfpl.federation.client import TrainSettings, sgd_step
 from pfpl.messages import Aggregator, Contributions, Upload, WeightedMean, group_sum
 from pfpl.secure.protocol import PHASES
-from pfpl.streams import SERVER, Purpose, stream
+from pfpl.streams import SERVER, Purpose, Streams, stream
 
 
 class Server:
@@ -22,8 +22,11 @@ class Server:
         shared: dict[str, torch.Tensor],
         aggregator: Aggregator | None = None,
         n_groups: int = 1,
+        streams: Streams | None = None,
     ):
         self.method, self.s, self.n_clients = method, settings, n_clients
+        # the server's mechanism draws (client sampling, its DP noise): secret in a private run
+        self.streams = streams or Streams(settings.seed)
         self.aggregator = aggregator or WeightedMean()
         self.n_groups = n_groups
         self.shared = {n: v.expand(n_groups, *v.shape).clone() for n, v in shared.items()}  # [G, ...]
@@ -42,11 +45,11 @@ class Server:
         probability ``participation`` (possibly none)."""
         if self.s.participation >= 1:
             return torch.arange(self.n_clients)
-        gen = stream(self.s.seed, Purpose.PARTICIPANTS, round_index)
+        draws = self.streams.draws(Purpose.PARTICIPANTS, round_index)
         if self.s.client_sampling == "poisson":
-            return torch.nonzero(torch.rand(self.n_clients, generator=gen) < self.s.participation).flatten()
+            return torch.nonzero(draws.uniform(self.n_clients) < self.s.participation).flatten()
         k = max(1, round(self.s.participation * self.n_clients))
-        return torch.randperm(self.n_clients, generator=gen)[:k].sort().values
+        return draws.permutation(self.n_clients)[:k].sort().values
 
     def expected_contributions(self) -> torch.Tensor:
         """``[G]``: how many clients of each group take part in a round, in expectation."""
@@ -67,7 +70,7 @@ class Server:
         self._keep_extras(upload, self.groups[upload.clients.to(self.groups.device)])
         for i, name in enumerate(self.method.shared_params):
             c = self.contributions(upload, drops, name, round_index, step)
-            agg = self.aggregator(c, stream(self.s.seed, Purpose.SERVER_NOISE, round_index, step, SERVER, i))
+            agg = self.aggregator(c, self.streams.draws(Purpose.SERVER_NOISE, round_index, step, SERVER, i))
             self.apply(name, agg, self.aggregator.releases(c), round_index)
 
     def contributions(
@@ -172,6 +175,7 @@ class Server:
     # ---- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
+            "streams": self.streams.state_dict(),
             "round": self.round,
             "shared": {k: v.clone() for k, v in self.shared.items()},
             "momentum": {k: v.clone() for k, v in self.momentum.items()},
@@ -180,6 +184,8 @@ class Server:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if "streams" in state:
+            self.streams.load_state_dict(state["streams"])
         self.round = int(state["round"])
         self.shared = {k: v.clone() for k, v in state["shared"].items()}
         self.momentum = {k: v.clone() for k, v in state["momentum"].items()}

@@ -9,8 +9,10 @@ memory does not grow with the number of clients. With ``one_client_calls`` the s
 B separate one-client calls, each drawing its own batches — what a deployment with one client per
 node does; the results are the same either way.
 
-Randomness comes from per-client named streams (:mod:`pfpl.streams`), so a run resumed from the
-checkpoint of round r continues exactly as the uninterrupted run would.
+Randomness comes from per-client named streams (:mod:`pfpl.streams`): public draws from the seed,
+mechanism draws from each client's (and the server's) :class:`~pfpl.streams.Streams` — secret in a
+private run, and part of the checkpoint — so a run resumed from the checkpoint of round r continues
+exactly as the uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pfpl.federation.server import Server
 from pfpl.messages import Aggregator, Upload
 from pfpl.privacy.accounting import Accountant
 from pfpl.privacy.mechanisms import GradientMechanism
-from pfpl.streams import Purpose, client_streams, stream
+from pfpl.streams import SERVER, Purpose, Streams, client_streams, stream
 
 
 class Charges(Protocol):
@@ -63,8 +65,14 @@ class Simulator:
         one_client_calls: bool = False,
         phases: list[ServerPhase] | None = None,
         charges: Charges | None = None,
+        streams: Streams | None = None,
+        server_streams: Streams | None = None,
     ):
         self.method, self.tower, self.data, self.s = method, tower, data, settings
+        # the clients' mechanism draws (batches, DP noise, distributed-DP shares) and the server's
+        self.streams = streams or Streams(settings.seed)
+        if server_streams is None:
+            server_streams = Streams.create(settings.seed, [SERVER], secret=self.streams.mode == "secret")
         self.device = data.device
         self.n_clients = data.n_clients
         self.sizes = torch.tensor(data.sizes(), dtype=torch.float32, device=self.device)
@@ -82,7 +90,12 @@ class Simulator:
         n_ctx, dim = tower.n_ctx, tower.backbone.ctx_dim
         shared = method.init_shared(n_ctx, dim, stream(settings.seed, Purpose.INIT_SHARED))
         self.server = Server(
-            method, settings, self.n_clients, {k: v.to(self.device) for k, v in shared.items()}, aggregator
+            method,
+            settings,
+            self.n_clients,
+            {k: v.to(self.device) for k, v in shared.items()},
+            aggregator,
+            streams=server_streams,
         )
         held = data.held_classes(tower.num_classes)
         rows = [
@@ -109,7 +122,10 @@ class Simulator:
 
     # ---- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Everything a resumed run needs — including the clients' and the server's secrets in a private
+        run (a checkpoint is secret material)."""
         return {
+            "streams": self.streams.state_dict(),
             "server": self.server.state_dict(),
             "local": {k: v.clone() for k, v in self.local.items()},
             "momentum": {k: v.clone() for k, v in self.momentum.items()},
@@ -117,9 +133,11 @@ class Simulator:
             "ledgers": [x.state_dict() for x in self.ledgers],
             "client_level": self.client_level.state_dict(),
             "phases": [list(getattr(p, "log", [])) for p in self.phases],
+            "secure_failures": list(getattr(self.server.aggregator, "failures", [])),
         }
 
     def load_state_dict(self, state: dict) -> None:
+        self.streams.load_state_dict(state["streams"])
         self.server.load_state_dict(state["server"])
         self.local = {k: v.clone().to(self.device) for k, v in state["local"].items()}
         self.momentum = {k: v.clone().to(self.device) for k, v in state["momentum"].items()}
@@ -129,6 +147,8 @@ class Simulator:
         for phase, log in zip(self.phases, state.get("phases", [])):
             if hasattr(phase, "log"):
                 phase.log[:] = log
+        if hasattr(self.server.aggregator, "failures"):
+            self.server.aggregator.failures[:] = state.get("secure_failures", [])
 
     # ---- one round ---------------------------------------------------------------------------
     def _gather(self, active: torch.Tensor) -> ClientState:
@@ -153,9 +173,9 @@ class Simulator:
         if len(active) == 0:
             return []
         if not self.one_client_calls:
-            return self.data.batches(active, self.steps_per_round, s.batch_size, s.sampling, s.seed, r)
+            return self.data.batches(active, self.steps_per_round, s.batch_size, s.sampling, self.streams, r)
         return [
-            self.data.batches(active[i : i + 1], self.steps_per_round, s.batch_size, s.sampling, s.seed, r)
+            self.data.batches(active[i : i + 1], self.steps_per_round, s.batch_size, s.sampling, self.streams, r)
             for i in range(len(active))
         ]
 
@@ -167,7 +187,9 @@ class Simulator:
         elif self.one_client_calls:
             upload = self._calls(state, 1, lambda i, j: batches[i][steps], sizes, r, step)
         elif len(state.clients) <= self.clients_per_call:
-            upload = self.update(self.server.broadcast(state.clients), state, batches[steps], sizes, r, step)
+            upload = self.update(
+                self.server.broadcast(state.clients), state, batches[steps], sizes, r, step, self.streams
+            )
         else:
             rows = lambda i, j: [b.rows(i, j) for b in batches[steps]]
             upload = self._calls(state, self.clients_per_call, rows, sizes, r, step)
@@ -180,13 +202,15 @@ class Simulator:
         for i in range(0, len(state.clients), width):
             j = min(i + width, len(state.clients))
             part = state.rows(i, j)
-            parts.append(self.update(self.server.broadcast(part.clients), part, batches_of(i, j), sizes[i:j], r, step))
+            shared = self.server.broadcast(part.clients)
+            parts.append(self.update(shared, part, batches_of(i, j), sizes[i:j], r, step, self.streams))
             state.write_rows(i, part)
         return Upload.concat(parts)
 
     def run_round(self) -> dict[str, float]:
         """One round: every participant takes ``local_steps`` steps; the server syncs the shared part."""
         r = self.round
+        failed_before = len(getattr(self.server.aggregator, "failures", ()))
         active = self.server.participants(r)
         state = self._gather(active)
         sizes = self.sizes[active.to(self.device)]
@@ -204,7 +228,10 @@ class Simulator:
         for phase in self.phases:
             phase(self, r)
         self.server.end_round()
-        return {"loss": float(loss), "lr": self.s.lr_at(r), "participants": len(active)}
+        info = {"loss": float(loss), "lr": self.s.lr_at(r), "participants": len(active)}
+        if hasattr(self.server.aggregator, "failures"):  # secure aggregation: instances skipped this round
+            info["secure_failures"] = len(self.server.aggregator.failures) - failed_before
+        return info
 
     def _charge(self, active: torch.Tensor) -> None:
         """Record what this round cost: each participant's records, and the federation's clients."""

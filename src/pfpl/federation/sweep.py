@@ -15,6 +15,7 @@ from pfpl.artifacts import RunFolder, atomic_write_bytes, atomic_write_text, fig
 from pfpl.config import Config, build_config, default_methods_for_privacy
 from pfpl.errors import ConfigError
 from pfpl.federation.runner import private_sgd, resume, run
+from pfpl.privacy.modes import mode_of
 from pfpl.privacy.rules import validate_dp
 
 
@@ -35,7 +36,7 @@ def default_methods(cfg: Config) -> tuple[Config, list[str]]:
 
 def sweep_configs(cfg: Config, epsilons: list[float]) -> dict[str, Config]:
     """One config per ε (∞ = no DP); every one is validated before any training starts."""
-    mode = cfg.dp.mode if cfg.dp.mode != "off" else "feature"
+    mode = cfg.dp.mode if mode_of(cfg.dp).noises else "feature"
     out = {}
     for eps in epsilons:
         data = json.loads(cfg.model_dump_json())
@@ -99,14 +100,15 @@ def run_sweep(
         results[label] = summary
     table = {
         "epsilons": list(configs),
-        "mode": cfg.dp.mode if cfg.dp.mode != "off" else "feature",
-        "nominal": cfg.dp.mode == "reference",
+        "mode": cfg.dp.mode if mode_of(cfg.dp).noises else "feature",
+        "nominal": mode_of(cfg.dp).nominal,
+        "randomness": cfg.dp.randomness,  # "seeded": an experiment, no formal guarantee at any ε
         "delta": cfg.dp.delta,
         "methods": {
             m: {
                 label: {
                     k: results[label]["methods"][m].get(k)
-                    for k in ("local", "neighbor", "epsilon", "epsilon_kind", "validation")
+                    for k in ("local", "neighbor", "epsilon", "epsilon_kind", "formal_guarantee", "validation")
                 }
                 for label in configs
             }
@@ -121,14 +123,15 @@ def run_sweep(
 
 
 def _write_csv(path: Path, table: dict) -> None:
-    lines = ["method,target_epsilon,achieved_epsilon,epsilon_kind,local,neighbor,val_local,val_neighbor"]
+    lines = ["method,target_epsilon,achieved_epsilon,epsilon_kind,formal,local,neighbor,val_local,val_neighbor"]
     for m, by_eps in table["methods"].items():
         for label, r in by_eps.items():
             achieved = "inf" if r["epsilon"] is None else f"{r['epsilon']:.4f}"
             kind = r.get("epsilon_kind") or "none"
+            formal = "yes" if r.get("formal_guarantee") else "no"
             val = r.get("validation") or {}
             on_val = ",".join(f"{val[k]:.4f}" if val.get(k) is not None else "" for k in ("local", "neighbor"))
-            lines.append(f"{m},{label},{achieved},{kind},{r['local']:.4f},{r['neighbor']:.4f},{on_val}")
+            lines.append(f"{m},{label},{achieved},{kind},{formal},{r['local']:.4f},{r['neighbor']:.4f},{on_val}")
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
@@ -146,6 +149,8 @@ def plot_sweep(path: Path, table: dict) -> None:
     xs = list(range(len(labels)))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
     nominal = " — NOMINAL ε, no formal guarantee" if table.get("nominal") else ""
+    if table.get("randomness") == "seeded" and not nominal:
+        nominal = " — SEEDED noise (an experiment), no formal guarantee"
     for ax, key in zip(axes, ("local", "neighbor")):
         for i, (m, by_eps) in enumerate(table["methods"].items()):
             ax.plot(xs, [by_eps[x][key] for x in labels], marker="o", label=m, color=f"C{i}")

@@ -19,10 +19,11 @@ from dataclasses import dataclass, replace
 import torch
 
 from pfpl.messages import Aggregator, Contributions, group_max, group_sum
+from pfpl.streams import Draws
 
 
-def _noise(shape, gen: torch.Generator, device) -> torch.Tensor:
-    return torch.randn(*shape, generator=gen).to(device)
+def _noise(shape, draws: Draws, device) -> torch.Tensor:
+    return draws.normal(shape).to(device)
 
 
 def _rows(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -53,12 +54,12 @@ class GlobalDP:
         per_record = coef / expected_batch(c.sizes, self.batch_size).to(coef.device)
         return self.clip * group_max(per_record, c.groups.to(coef.device), c.n_groups)
 
-    def __call__(self, c: Contributions, gen: torch.Generator) -> torch.Tensor:
-        out = self.inner(c, gen)
+    def __call__(self, c: Contributions, draws: Draws) -> torch.Tensor:
+        out = self.inner(c, draws)
         if self.noise_multiplier == 0:
             return out
         std = self.noise_multiplier * self.sensitivity(c)
-        return out + _noise(out.shape, gen, out.device) * _rows(std, out)
+        return out + _noise(out.shape, draws, out.device) * _rows(std, out)
 
 
 @dataclass
@@ -91,14 +92,14 @@ class ClientLevelDP:
             return torch.ones(c.n_groups, dtype=torch.bool, device=c.values.device)
         return self.inner.releases(c)
 
-    def __call__(self, c: Contributions, gen: torch.Generator) -> torch.Tensor:
+    def __call__(self, c: Contributions, draws: Draws) -> torch.Tensor:
         norms = c.values.flatten(1).norm(dim=-1)
         clipped = c.values * _rows((self.clip / norms.clamp(min=1e-12)).clamp(max=1.0), c.values)
-        out = self.inner(self._equal(c.with_values(clipped)), gen) * _rows(self._rescale(c), c.values)
+        out = self.inner(self._equal(c.with_values(clipped)), draws) * _rows(self._rescale(c), c.values)
         if self.noise_multiplier == 0:
             return out
         std = self.noise_multiplier * self.clip / self._denominator(c)
-        return out + _noise(out.shape, gen, out.device) * _rows(std, out)
+        return out + _noise(out.shape, draws, out.device) * _rows(std, out)
 
 
 @dataclass
@@ -116,10 +117,10 @@ class ReferenceServerNoise:
     def releases(self, c: Contributions) -> torch.Tensor:
         return self.inner.releases(c)
 
-    def __call__(self, c: Contributions, gen: torch.Generator) -> torch.Tensor:
-        out = self.inner(c, gen)
+    def __call__(self, c: Contributions, draws: Draws) -> torch.Tensor:
+        out = self.inner(c, draws)
         per_client = self.noise_multiplier * self.clip / expected_batch(c.sizes, self.batch_size)
         groups = c.groups.to(per_client.device)
         counts = group_sum(torch.ones_like(per_client), groups, c.n_groups)
         std = group_max(per_client, groups, c.n_groups) / counts.clamp(min=1)
-        return out + _noise(out.shape, gen, out.device) * _rows(std, out)
+        return out + _noise(out.shape, draws, out.device) * _rows(std, out)

@@ -15,7 +15,8 @@ prompt leaves (DESIGN §5). The client update is built with one of them; nothing
   its ε is nominal (no formal guarantee).
 
 Each returns the leaves' gradients normalised by the clients' expected batch size, and the
-clients' (un-noised) training loss.
+clients' training loss — a diagnostic no mechanism covers, so the private mechanisms withhold it
+(NaN): what a client sends in a private run is the mechanism's output and nothing else.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from pfpl.data.clients import Batch
-from pfpl.streams import randn_rows
+from pfpl.streams import Draws, normal_rows
 
 
 @dataclass
@@ -51,10 +52,10 @@ class GradientMechanism(Protocol):
     client-update calls by that."""
 
     def __call__(
-        self, step: StepLoss, normaliser: torch.Tensor, noise: Sequence[torch.Generator]
+        self, step: StepLoss, normaliser: torch.Tensor, noise: Sequence[Draws]
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """(gradients of the leaves ``[B, ...]``, per-client loss ``[B]``); ``normaliser`` is each
-        client's expected batch size, ``noise`` one generator per client."""
+        """(gradients of the leaves ``[B, ...]``, per-client loss ``[B]``, NaN where withheld);
+        ``normaliser`` is each client's expected batch size, ``noise`` each client's own draws."""
         ...
 
 
@@ -62,6 +63,11 @@ def _grads(outputs, leaves: dict[str, torch.Tensor], cotangents=None, **kw) -> d
     names = list(leaves)
     got = torch.autograd.grad(outputs, [leaves[n] for n in names], cotangents, allow_unused=True, **kw)
     return {n: (g if g is not None else torch.zeros_like(leaves[n])) for n, g in zip(names, got)}
+
+
+def withheld(step: StepLoss) -> torch.Tensor:
+    """The loss a private mechanism sends: none (NaN per client)."""
+    return torch.full((step.batch.x.shape[0],), float("nan"), device=step.batch.x.device)
 
 
 def _per_client(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -74,6 +80,10 @@ class BatchMean:
 
     Clients' parameters are disjoint slices, so the summed loss gives every client exactly its own
     gradient."""
+
+    @classmethod
+    def from_plan(cls, plan) -> BatchMean:
+        return cls()
 
     def __call__(self, step, normaliser, noise):
         logits = step.logits()
@@ -116,17 +126,20 @@ class FeatureDP:
     clip: float
     noise_multiplier: float
 
+    @classmethod
+    def from_plan(cls, plan) -> FeatureDP:
+        return cls(plan.clip, plan.sigma)
+
     def __call__(self, step, normaliser, noise):
-        _, _, loss = per_sample_text_grads(step)
         grad_t = clipped_text_gradient(step, self.clip)
         if self.noise_multiplier > 0:
-            grad_t = grad_t + randn_rows(noise, grad_t.shape[1:], grad_t.device) * (self.noise_multiplier * self.clip)
+            grad_t = grad_t + normal_rows(noise, grad_t.shape[1:], grad_t.device) * (self.noise_multiplier * self.clip)
         grad_t = _per_client(grad_t, normaliser)
         outputs, cotangents = [step.text], [grad_t]
         if step.extra is not None:  # data-independent regulariser: no privacy cost
             outputs.append(step.extra)
             cotangents.append(torch.ones_like(step.extra))
-        return _grads(outputs, step.leaves, cotangents), loss
+        return _grads(outputs, step.leaves, cotangents), withheld(step)
 
 
 @dataclass
@@ -136,8 +149,12 @@ class PerSampleDP:
     private_leaves: tuple[str, ...]
     per_record_backward = True  # not a field: every record's backward runs at once
 
+    @classmethod
+    def from_plan(cls, plan) -> PerSampleDP:
+        return cls(plan.clip, plan.sigma, plan.private_leaves)
+
     def __call__(self, step, normaliser, noise):
-        err, _, loss = per_sample_text_grads(step)
+        err, _, _ = per_sample_text_grads(step)
         x, mask = step.batch.x, step.batch.mask
         names = list(step.leaves)
         # per-record cotangents [n, B, C, E]: record n of every client at once (clients' prompts are disjoint)
@@ -162,7 +179,7 @@ class PerSampleDP:
             for n in private:
                 summed = torch.einsum("nb,nb...->b...", factor, per_record[n])
                 if self.noise_multiplier > 0:
-                    summed = summed + randn_rows(noise, summed.shape[1:], summed.device) * (
+                    summed = summed + normal_rows(noise, summed.shape[1:], summed.device) * (
                         self.noise_multiplier * self.clip
                     )
                 out[n] = _per_client(summed, normaliser)
@@ -174,7 +191,7 @@ class PerSampleDP:
         if step.extra is not None:
             extra = _grads(step.extra, step.leaves, retain_graph=True)
             out = {n: out[n] + extra[n] for n in names}
-        return out, loss
+        return out, withheld(step)
 
 
 @dataclass
@@ -186,14 +203,18 @@ class BatchClipReference:
     noise_multiplier: float
     private_leaves: tuple[str, ...]
 
+    @classmethod
+    def from_plan(cls, plan) -> BatchClipReference:
+        return cls(plan.clip, plan.sigma, plan.private_leaves)
+
     def __call__(self, step, normaliser, noise):
-        grads, loss = BatchMean()(step, normaliser, noise)
+        grads, _ = BatchMean()(step, normaliser, noise)
         out = {}
         for n, g in grads.items():
             norms = g.flatten(1).norm(dim=-1).view(-1, *[1] * (g.dim() - 1))
             g = g * (self.clip / norms.clamp(min=1e-12)).clamp(max=1.0)
             if n in self.private_leaves and self.noise_multiplier > 0:
                 std = self.noise_multiplier * self.clip / normaliser.to(g.device, g.dtype)
-                g = g + randn_rows(noise, g.shape[1:], g.device) * std.view(-1, *[1] * (g.dim() - 1))
+                g = g + normal_rows(noise, g.shape[1:], g.device) * std.view(-1, *[1] * (g.dim() - 1))
             out[n] = g
-        return out, loss
+        return out, withheld(step)

@@ -20,7 +20,14 @@ take part independently with probability p (``federation.client_sampling = "pois
 each aggregation divides the clipped sum by the expected number of participants and adds
 N(0, σ_c²S²/D²), and the A aggregations of a round (A = local steps in ``step`` sync, 1 in
 ``fedavg``) compose to one Gaussian at σ_c/√A: PoissonSampled(p, Gaussian(σ_c/√A)). Adjacency:
-add/remove one client with all its data.
+add/remove one client with all its data. Under secure aggregation (distributed DP) the server picks
+the participants and sees who took part, so no amplification by client sampling is claimed there.
+
+**Who learns what** (DESIGN §5): :meth:`PrivacyPlan.parties` says, for each party — the receiver of a
+released prompt, another client, the server, the server with colluding clients — whether the
+accounted ε holds against it, and why not where it does not. A run whose mechanism draws come from
+the config seed (``dp.randomness = 'seeded'``) has no formal guarantee against anyone: whoever holds
+the config regenerates its noise.
 """
 
 from __future__ import annotations
@@ -34,10 +41,11 @@ from pfpl.config import DPConfig
 from pfpl.data.clients import appearances_per_round, expected_batch
 from pfpl.errors import PrivacyConfigError
 from pfpl.messages import Aggregator
-from pfpl.privacy import skellam
+from pfpl.privacy import aggregation, skellam
 from pfpl.privacy.accounting import Accountant, calibrate_noise
-from pfpl.privacy.aggregation import ClientLevelDP, GlobalDP, ReferenceServerNoise
-from pfpl.privacy.mechanisms import BatchClipReference, BatchMean, FeatureDP, GradientMechanism, PerSampleDP
+from pfpl.privacy.aggregation import ClientLevelDP, GlobalDP
+from pfpl.privacy.mechanisms import GradientMechanism
+from pfpl.privacy.modes import SampleMode, mode_of
 
 #: one accountant event: (noise multiplier, sample rate, count)
 Event = tuple[float, float, int]
@@ -50,6 +58,7 @@ class MethodLeaves:
     name: str
     private_leaves: tuple[str, ...]  # leaves local DP noises on the client
     shared_leaves: tuple[str, ...]  # leaves of shared parameters
+    public: tuple[str, ...] = ()  # what the method's release reveals by its structure (Method.public_facts)
 
     @property
     def clipped_only(self) -> tuple[str, ...]:
@@ -69,8 +78,10 @@ class TrainingShape:
     participation: float
     sampling: str
     client_sampling: str = "fixed"
+    randomness: str = "seeded"  # "secret": mechanism draws from the parties' secrets
     shared_numel: int = 0  # entries of the shared vector one aggregation sums (distributed DP's dimension)
     secure_noise_bits: int | None = None  # secure aggregation on: its distributed noise has integer std 2^this
+    colluders: str = "t - 1"  # the clients distributed DP's noise is sized to survive (secure.colluders)
 
     def expected_batch(self) -> list[int]:
         return [expected_batch(n, self.batch_size) for n in self.sizes]
@@ -107,17 +118,20 @@ class PrivacyPlan:
     secure_noise_bits: int | None = None  # secure aggregation (SecAgg+) with distributed DP, when set
     max_record_weight: float = 0.0  # max_i w_i / B_i over the federation (w_i = n_i, or 1 with client-level DP)
     shared_numel: int = 0
+    randomness: str = "seeded"  # where the mechanism draws come from: "secret" (the parties') or "seeded"
+    secure_aggregation: bool = False
+    colluders: str = "t - 1"  # who distributed DP's noise survives, in words (secure.colluders)
+    public: tuple[str, ...] = ()  # beyond PUBLIC: what the method's release treats as public
+
+    @property
+    def kind(self) -> SampleMode:
+        """The sample-level mode object (:mod:`pfpl.privacy.modes`)."""
+        return mode_of(self.mode)
 
     # ---- the mechanisms ------------------------------------------------------------------------
     def gradient_mechanism(self) -> GradientMechanism:
         """The client update's sample-level mechanism."""
-        if self.mode == "feature":
-            return FeatureDP(self.clip, self.sigma)
-        if self.mode == "per-sample":
-            return PerSampleDP(self.clip, self.sigma, self.private_leaves)
-        if self.mode == "reference":
-            return BatchClipReference(self.clip, self.sigma, self.private_leaves)
-        return BatchMean()
+        return self.kind.gradient_mechanism(self)
 
     def wrap_aggregator(self, inner: Aggregator) -> Aggregator:
         """The server's plaintext aggregator: client-level DP and global DP around ``inner`` (both, when
@@ -126,8 +140,8 @@ class PrivacyPlan:
             inner = ClientLevelDP(inner, self.client_clip, self.client_sigma)
         if self.has_shared_global and self.sigma_global > 0:
             inner = GlobalDP(inner, self.sigma_global, self.clip, self.batch_size)
-        elif self.mode == "reference" and self.sigma > 0:
-            inner = ReferenceServerNoise(inner, self.sigma, self.clip, self.batch_size)
+        elif self.kind.server_noise and self.sigma > 0:
+            inner = getattr(aggregation, self.kind.server_noise)(inner, self.sigma, self.clip, self.batch_size)
         return inner
 
     # ---- distributed DP (secure aggregation) ----------------------------------------------------
@@ -167,16 +181,16 @@ class PrivacyPlan:
             curve = curve + skellam.gaussian_rdp(skellam.INTEGER_ORDERS, self.sigma / factor)
         return curve, factor
 
-    # ---- accounting    # ---- accounting ----------------------------------------------------------------------------
+    # ---- accounting ----------------------------------------------------------------------------
     @property
     def sample_level(self) -> bool:
-        """Whether sample-level ε is accounted (a real guarantee, not nominal, not unprotected)."""
-        return self.mode in ("feature", "per-sample") and not self.unprotected
+        """Whether sample-level ε is accounted (a formal mode, not nominal, nothing released un-noised)."""
+        return self.kind.formal and not self.unprotected
 
     @property
     def effective_sigma(self) -> float:
         """σ_eff of one step for one record (0 = no privacy)."""
-        if self.mode == "feature" or (self.has_local and not self.has_shared_global):
+        if not self.kind.splits_leaves or (self.has_local and not self.has_shared_global):
             return self.sigma
         if self.has_shared_global and not self.has_local:
             return self.sigma_global
@@ -216,12 +230,12 @@ class PrivacyPlan:
             for sigma, q, n in self.client_level_events():
                 ledger.step(sigma, q, n)
             return
-        curve = self.aggregations_per_round * self._skellam_curve(self.client_clip)
-        ledger.step_rdp(skellam.poisson_subsampled_rdp(skellam.INTEGER_ORDERS, self.participation, curve))
+        # the server picks (and sees) the participants: no amplification by client sampling against it
+        ledger.step_rdp(self.aggregations_per_round * self._skellam_curve(self.client_clip))
 
     def client_epsilon(self, ledger: Accountant, rounds_taken: int) -> float:
         """A client's ε(δ) for its released prompt (nominal ε in reference mode; ∞ when unprotected)."""
-        if self.mode == "reference":
+        if self.kind.nominal:
             return float(self.nominal_epsilon)
         if not self.sample_level:
             return math.inf
@@ -236,43 +250,111 @@ class PrivacyPlan:
     @property
     def epsilon_kind(self) -> str:
         """How to read the ε this plan reports: 'accounted', 'nominal' or 'none'."""
-        if self.mode == "reference":
+        if self.kind.nominal:
             return "nominal"
         return "accounted" if self.sample_level and self.effective_sigma > 0 else "none"
 
-    def describe(self) -> dict:
-        if self.mode == "reference":
-            guarantee = "nominal only: the published code's batch clipping; no formal guarantee"
-        elif self.mode == "off":
-            guarantee = "none (no sample-level DP)"
+    @property
+    def seeded(self) -> bool:
+        """A private run whose noise anyone holding the config can regenerate (an experiment)."""
+        return self.randomness == "seeded" and (self.kind.noises or self.client_sigma > 0)
+
+    def formal(self) -> bool:
+        """Whether the sample-level ε is a formal bound (accounted, secret noise, something noised)."""
+        return self.epsilon_kind == "accounted" and not self.seeded
+
+    def client_level_formal(self) -> bool:
+        return self.client_sigma > 0 and not self.seeded
+
+    def guarantee(self) -> str:
+        """The sample-level guarantee, in words."""
+        if self.kind.nominal:
+            text = "nominal only: the published code's batch clipping; no formal guarantee"
+        elif not self.kind.noises:
+            text = "none (no sample-level DP)"
         elif self.unprotected:
-            guarantee = "none: a shared part of the released prompt carries no noise (dp.global_dp is off)"
-        elif self.mode == "feature":
-            guarantee = (
-                "sample-level DP of the whole released prompt (post-processing of the noisy text-feature gradients)"
-            )
+            text = "none: a shared part of the released prompt carries no noise (dp.global_dp is off)"
+        elif self.effective_sigma == 0:
+            text = "none: σ = 0 (target ε = ∞), nothing is noised"
+        elif not self.kind.splits_leaves:
+            text = "sample-level DP of the whole released prompt (post-processing of the noisy text-feature gradients)"
         else:
             parts = (["local DP on the private leaves"] if self.has_local else []) + (
                 ["global DP on the aggregated shared gradient (same batch: one mechanism)"]
                 if self.has_shared_global
                 else []
             )
-            guarantee = "sample-level DP, " + " and ".join(parts)
+            text = "sample-level DP, " + " and ".join(parts)
+        if self.seeded and self.epsilon_kind == "accounted":
+            text += (
+                "; NOT formal: the noise is drawn from the config seed (dp.randomness = 'seeded', an experiment "
+                "setting), so anyone holding the config can regenerate and remove it"
+            )
+        return text
+
+    def parties(self) -> dict[str, str | None]:
+        """For each party DESIGN §5 names, None where the sample-level ε holds against it, else why not."""
+        if not self.formal():
+            why = (
+                "the noise is regenerable from the config seed (dp.randomness = 'seeded')"
+                if self.seeded
+                else self.guarantee()
+            )
+            return dict.fromkeys(PARTIES, why)
+        holds: dict[str, str | None] = dict.fromkeys(PARTIES)
+        if self.has_shared_global and not self.distributed:
+            why = "it receives the clipped, un-noised shared gradients (global DP is added by the server)"
+            holds["server"] = holds["server+colluders"] = why
+        elif self.has_shared_global:
+            holds["server+colluders"] = None  # noise sized for the honest survivors (secure.colluders)
+        return holds
+
+    def client_level_parties(self) -> dict[str, str | None] | None:
+        if self.client_sigma == 0:
+            return None
+        if self.seeded:
+            return dict.fromkeys(PARTIES, "the noise is regenerable from the config seed (dp.randomness = 'seeded')")
+        holds: dict[str, str | None] = dict.fromkeys(PARTIES)
+        if not self.distributed:
+            holds["server"] = holds["server+colluders"] = "it receives every client's clipped, un-noised update"
+        return holds
+
+    def client_level_event(self) -> str:
+        if self.distributed:
+            return "Skellam(S) summed by secure aggregation, A per round, no client-sampling amplification (RDP)"
+        return "PoissonSampled(p, Gaussian(σ_c/√A))" if self.participation < 1 else "Gaussian(σ_c/√A)"
+
+    def describe(self) -> dict:
         adjacency = "replace one record" if self.sampling == "shuffle" else "add/remove one record"
+        if not self.kind.noises and self.client_sigma > 0:
+            adjacency, unit = "add/remove one client (all of its data)", "one client"
+        else:
+            adjacency, unit = f"{adjacency} of the client's training data", "one training record"
         return {
             "mode": self.mode,
             "delta": self.delta,
             "accountant": self.accountant,
             "sampling": self.sampling,
-            "adjacency": f"{adjacency} of the client's training data",
-            "unit": "one training record",
+            "adjacency": adjacency,
+            "unit": unit,
             "clip": self.clip,
             "noise_multiplier": self.sigma,
             "global_noise_multiplier": self.sigma_global,
             "effective_noise_multiplier": self.effective_sigma,
-            "guarantee": guarantee,
-            "nominal": self.mode == "reference",
+            "guarantee": self.guarantee(),
+            "nominal": self.kind.nominal,
             "epsilon_kind": self.epsilon_kind,
+            "formal_guarantee": self.formal(),
+            "randomness": self.randomness,
+            "holds_against": self.parties(),
+            "public": [*PUBLIC, *self.public],
+            "secure_aggregation": None
+            if not self.secure_aggregation
+            else {
+                "distributed_dp": self.distributed,
+                "noise_bits": self.secure_noise_bits,
+                "colluders": self.colluders,
+            },
             "client_level": None
             if self.client_clip == 0
             else {
@@ -281,18 +363,28 @@ class PrivacyPlan:
                 "participation": self.participation,
                 "aggregations_per_round": self.aggregations_per_round,
                 "adjacency": "add/remove one client (all of its data)",
-                "event_per_round": "PoissonSampled(p, Gaussian(σ_c/√A))"
-                if self.participation < 1
-                else "Gaussian(σ_c/√A)",
+                "scope": "every other client's participation, in the shared part of each release; a client's "
+                "own local part is a function of its own data, covered only by sample-level DP",
+                "event_per_round": self.client_level_event(),
+                "formal_guarantee": self.client_level_formal(),
+                "holds_against": self.client_level_parties(),
             },
         }
 
 
+#: the parties each guarantee is stated against (DESIGN §5, "Who learns what")
+PARTIES = ("receiver", "other clients", "server", "server+colluders")
+#: what every guarantee treats as public: not protected, and not data a neighbouring dataset changes
+PUBLIC = ("the class names", "each client's record count")
+
+
 def plan_privacy(dp: DPConfig, method: MethodLeaves, shape: TrainingShape) -> PrivacyPlan:
-    """Calibrate σ for the worst-off client and return the plan (mode 'off' plans no noise)."""
-    has_local = dp.mode == "per-sample" and bool(method.private_leaves)
-    has_shared_global = dp.mode == "per-sample" and bool(method.clipped_only) and dp.global_dp
-    unprotected = dp.mode == "per-sample" and bool(method.clipped_only) and not dp.global_dp
+    """Calibrate σ for the worst-off client and return the plan (mode 'off' plans no noise); a
+    target ε that nothing would meet — no leaf noised — is refused."""
+    kind = mode_of(dp)
+    has_local = kind.splits_leaves and bool(method.private_leaves)
+    has_shared_global = kind.splits_leaves and bool(method.clipped_only) and dp.global_dp
+    unprotected = kind.splits_leaves and bool(method.clipped_only) and not dp.global_dp
     weights = [1.0] * len(shape.sizes) if dp.client_clip > 0 else [float(n) for n in shape.sizes]
     max_record_weight = max(w / b for w, b in zip(weights, shape.expected_batch())) if shape.sizes else 0.0
     plan = PrivacyPlan(
@@ -315,13 +407,29 @@ def plan_privacy(dp: DPConfig, method: MethodLeaves, shape: TrainingShape) -> Pr
         secure_noise_bits=shape.secure_noise_bits,
         max_record_weight=max_record_weight,
         shared_numel=shape.shared_numel,
+        randomness=shape.randomness,
+        secure_aggregation=shape.secure_noise_bits is not None,
+        colluders=shape.colluders,
+        public=method.public,
     )
-    if dp.mode == "reference":
+    if dp.client_noise_multiplier > 0 and not method.shared_leaves:
+        raise PrivacyConfigError(
+            f"client-level DP cannot protect anything in {method.name}: it shares no parameter, so no aggregate "
+            "is noised; leave it out, or use sample-level DP (dp.mode = 'feature' / 'per-sample')"
+        )
+    if kind.nominal:
         plan.nominal_epsilon = dp.target_epsilon
         plan.sigma = reference_sigma(dp.target_epsilon, dp.delta, shape.rounds)
         return plan
-    if dp.mode == "off":
+    if not kind.noises:
         return plan
+    if unprotected and dp.target_epsilon is not None and math.isfinite(dp.target_epsilon):
+        raise PrivacyConfigError(
+            f"dp.target_epsilon = {dp.target_epsilon} cannot be met by {method.name}: with dp.mode = "
+            f"{dp.mode!r} and dp.global_dp = false its shared leaves ({', '.join(method.clipped_only)}) are "
+            "released clipped but un-noised (ε = ∞); set dp.global_dp = true, dp.mode = 'feature', or leave "
+            "this method out"
+        )
     if dp.target_epsilon is not None and plan.sample_level:
         if plan.secure_noise_bits is not None and has_shared_global:
             plan.sigma = _calibrate_distributed(dp, shape, plan)

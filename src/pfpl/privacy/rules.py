@@ -7,10 +7,9 @@ from __future__ import annotations
 from pfpl.algorithms import CLUSTERING_METHODS
 from pfpl.config import DPConfig, FederationConfig
 from pfpl.errors import PrivacyConfigError
+from pfpl.privacy.modes import DP_MODES, REFERENCE_METHODS, is_private, mode_of
 
-DP_MODES = ("off", "feature", "per-sample", "reference")
-#: the methods of the published DP-FPL code, which ``reference`` mode reproduces (it has no DP CoOp)
-REFERENCE_METHODS = ("promptfl", "fedotp", "fedpgp", "dplora", "dpfpl")
+__all__ = ["DP_MODES", "REFERENCE_METHODS", "validate_dp"]
 
 
 def validate_dp(
@@ -21,34 +20,40 @@ def validate_dp(
 ) -> None:
     """One clear error for every combination pfpl cannot run or cannot account for, before any training.
     ``cluster_on``: what SecFPP's clustering reads (``secfpp.cluster_on``)."""
-    private = dp.mode != "off" or dp.client_noise_multiplier > 0
+    kind = mode_of(dp)
     clustering = [m for m in methods if m in CLUSTERING_METHODS]
-    if private and clustering and cluster_on == "images":
+    if is_private(dp) and clustering and cluster_on == "images":
         raise PrivacyConfigError(
             f"{clustering[0]} clusters clients on their raw mean image features, which no DP mechanism covers, "
             "so no ε would hold for its prompts; set secfpp.cluster_on='prompts' (it then clusters DP outputs) "
             "or run secfpp-global (no clustering)"
         )
-    if dp.mode == "off" and (dp.target_epsilon is not None or dp.noise_multiplier > 0):
+    if dp.client_noise_multiplier > 0 and clustering:
+        raise PrivacyConfigError(
+            f"client-level DP cannot be accounted for {clustering[0]}: its clustering reads each client's class-level "
+            "prompt, which no client-level mechanism noises (only the shared domain prompt is); run secfpp-global, "
+            "or sample-level DP (dp.mode = 'feature' / 'per-sample') without dp.client_noise_multiplier"
+        )
+    if not kind.noises and (dp.target_epsilon is not None or dp.noise_multiplier > 0):
         raise PrivacyConfigError(
             "dp.target_epsilon / dp.noise_multiplier are set but dp.mode='off'; "
             "set dp.mode to feature, per-sample or reference"
         )
-    if dp.mode == "reference":
-        unsupported = [m for m in methods if m not in REFERENCE_METHODS]
+    if kind.methods is not None:
+        unsupported = [m for m in methods if m not in kind.methods]
         if unsupported:
             raise PrivacyConfigError(
-                f"dp.mode='reference' does not support method {unsupported[0]!r} (the published "
-                f"code has no such baseline); supported: {', '.join(REFERENCE_METHODS)}"
+                f"dp.mode={dp.mode!r} does not support method {unsupported[0]!r} (the published "
+                f"code has no such baseline); supported: {', '.join(kind.methods)}"
             )
-        if dp.target_epsilon is None:
-            raise PrivacyConfigError("dp.mode='reference' needs dp.target_epsilon (its nominal ε)")
+    if kind.nominal and dp.target_epsilon is None:
+        raise PrivacyConfigError(f"dp.mode={dp.mode!r} needs dp.target_epsilon (its nominal ε)")
     if dp.target_epsilon is not None and dp.noise_multiplier > 0:
         raise PrivacyConfigError(
             f"set either dp.target_epsilon ({dp.target_epsilon}) or dp.noise_multiplier "
             f"({dp.noise_multiplier}), not both"
         )
-    if dp.mode in ("feature", "per-sample") and dp.target_epsilon is None and dp.noise_multiplier == 0:
+    if kind.formal and dp.target_epsilon is None and dp.noise_multiplier == 0:
         raise PrivacyConfigError(
             f"dp.mode={dp.mode!r} with neither dp.target_epsilon nor dp.noise_multiplier adds no noise (ε = ∞); "
             "set dp.target_epsilon (or dp.noise_multiplier > 0), or dp.mode='off' for a non-private run"
@@ -57,13 +62,13 @@ def validate_dp(
         raise PrivacyConfigError("dp.client_noise_multiplier > 0 needs dp.client_clip > 0")
     if federation is None:
         return
-    if federation.secure_aggregation and dp.mode == "reference":
+    if federation.secure_aggregation and not kind.secure_aggregation:
         raise PrivacyConfigError(
-            "dp.mode='reference' reproduces a server that reads every update and adds the noise itself; "
+            f"dp.mode={dp.mode!r} reproduces a server that reads every update and adds the noise itself; "
             "it cannot run with federation.secure_aggregation"
         )
     distributed = federation.secure_aggregation and (
-        (dp.mode == "per-sample" and dp.global_dp) or dp.client_noise_multiplier > 0
+        (kind.splits_leaves and dp.global_dp) or dp.client_noise_multiplier > 0
     )
     if distributed and dp.accountant != "rdp":
         raise PrivacyConfigError(
@@ -76,7 +81,7 @@ def validate_dp(
             "federation.client_sampling='poisson': its accountant amplifies by Poisson sampling of clients, "
             "which a fixed-size sample of clients is not"
         )
-    if dp.mode == "per-sample" and dp.global_dp and federation.sync == "fedavg":
+    if kind.splits_leaves and dp.global_dp and federation.sync == "fedavg":
         raise PrivacyConfigError(
             "dp.mode='per-sample' with dp.global_dp and federation.sync='fedavg' cannot be accounted: the "
             "server's noise would cover a multi-step local update whose sensitivity to one record grows with "

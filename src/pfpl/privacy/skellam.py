@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from scipy import special
 
+from pfpl.streams import Draws
+
 #: integer Rényi orders for Skellam accounting (the subsampling bound needs integers)
 INTEGER_ORDERS: tuple[int, ...] = tuple(range(2, 65)) + (80, 96, 128, 192, 256, 384, 512, 768, 1024)
 
@@ -78,9 +80,30 @@ def poisson_subsampled_rdp(orders, q: float, rdp: np.ndarray) -> np.ndarray:
     return np.asarray(out)
 
 
-def sample(lam: float, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    """Sk(λ) integer noise: the difference of two Poisson(λ) draws (int64)."""
+def tail_bound(lam: float, coordinates: int, probability: float = 2.0**-40) -> int:
+    """An integer x with P(max over ``coordinates`` of |Sk(λ)| ≥ x) ≤ ``probability``: Chernoff's
+    bound on the Skellam's moment-generating function exp(2λ(cosh t − 1)), at its optimum
+    t = asinh(x / 2λ), P(Sk ≥ x) ≤ exp(−x·asinh(x/2λ) + 2λ(√(1 + (x/2λ)²) − 1)), union over both
+    signs and every coordinate (what the ring must leave room for)."""
+    if lam <= 0:
+        return 0
+
+    def log_tail(x: float) -> float:
+        r = x / (2 * lam)
+        return -x * math.asinh(r) + 2 * lam * (math.sqrt(1 + r * r) - 1)
+
+    target = math.log(probability / (2 * max(1, coordinates)))
+    lo, hi = 0.0, max(1.0, 2 * math.sqrt(2 * lam))
+    while log_tail(hi) > target:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if log_tail(mid) <= target else (mid, hi)
+    return int(math.ceil(hi))
+
+
+def sample(lam: float, shape: tuple[int, ...], draws: Draws) -> torch.Tensor:
+    """Sk(λ) integer noise: the difference of two Poisson(λ) draws (int64), from a party's own draws."""
     if lam <= 0:
         return torch.zeros(shape, dtype=torch.int64)
-    rate = torch.full(shape, float(lam), dtype=torch.float64)
-    return (torch.poisson(rate, generator=gen) - torch.poisson(rate, generator=gen)).to(torch.int64)
+    return (draws.poisson(lam, shape) - draws.poisson(lam, shape)).to(torch.int64)

@@ -11,47 +11,92 @@ What each client submits depends on the weighting the privacy plan asks for:
 
 Distributed DP: when the plan asks for noise (global DP's std σ_G·C·max_i w_i/B_i and/or
 client-level DP's σ_c·S, in units of the sum), every client adds Skellam noise to its integer
-vector, sized so that the threshold's worth of survivors alone already carry the full variance; the
-fixed-point scale is chosen so that this noise has integer std 2^noise_bits.
+vector from its own secret draws (:data:`~pfpl.streams.Purpose.DP_SHARE`), sized so that the
+*honest* survivors the protocol guarantees — the threshold t minus the clients that may collude
+with the server (``secure.colluders``, default t − 1) — carry the full variance by themselves:
+colluders can subtract their own shares, never an honest client's. The fixed-point scale is chosen
+so that this noise has integer std 2^noise_bits.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from pfpl.errors import ConfigError, ProtocolError
 from pfpl.messages import Contributions, contributed, group_sum
 from pfpl.privacy import skellam
+from pfpl.secure import params
 from pfpl.secure.encoding import FixedPoint
-from pfpl.secure.graph import default_degree, neighbours
-from pfpl.secure.protocol import run_in_memory
-from pfpl.streams import Purpose, stream
+from pfpl.secure.graph import neighbours
+from pfpl.secure.protocol import SecureAggregationError, run_in_memory
+from pfpl.streams import Draws, Purpose, Streams, stream
 
 log = logging.getLogger(__name__)
+
+#: the probability with which an instance's summed distributed noise may exceed the room kept for it
+WRAP_PROBABILITY = 2.0**-40
 
 
 @dataclass(frozen=True)
 class SecureSettings:
+    """The protocol's settings. The degree k and threshold t of an instance of n clients are chosen
+    from the threat model (:func:`pfpl.secure.params.choose`: the smallest even degree and threshold
+    that keep the rules — strict majority, no decodable cut — and meet ``failure_target`` at
+    ``dropout``), or taken from ``degree`` / ``threshold`` (a fraction of the k + 1 holders) and
+    checked against the same rules (:func:`pfpl.secure.params.check`)."""
+
     ring_bits: int = 64
     frac_bits: int = 24
-    threshold: float = 0.6  # fraction of a neighbourhood (with the client itself) needed to unmask
+    threshold: float | None = None  # fraction of a neighbourhood (with the client itself) needed to unmask
     graph: str = "sparse"
     degree: int | None = None
     noise_bits: int = 16
     seed: int = 0
+    colluders: int | None = None  # clients that may collude with the server (None: threshold − 1)
+    dropout: float = 0.1  # the dropout rate the chosen parameters must tolerate
+    failure_target: float = 0.01  # the chosen parameters' bound on an instance's failure probability
+
+    def params_for(self, n: int) -> tuple[int, int]:
+        """(degree, threshold) of an instance of ``n`` clients."""
+        return _params(self, n)
 
     def degree_for(self, n: int) -> int:
-        if self.graph == "full" or n <= 2:
-            return max(1, n - 1)
-        return min(n - 1, self.degree or default_degree(n))
+        return self.params_for(n)[0]
 
     def threshold_for(self, n: int) -> int:
         """Shares needed to unmask, out of a neighbourhood of ``degree + 1`` holders."""
-        return max(1, math.ceil(self.threshold * (self.degree_for(n) + 1)))
+        return self.params_for(n)[1]
+
+    def honest_for(self, threshold: int) -> int:
+        """Honest clients guaranteed among the survivors of an instance with this threshold: at least
+        ``threshold`` clients survive, of which at most ``colluders`` collude with the server."""
+        colluders = threshold - 1 if self.colluders is None else min(self.colluders, threshold - 1)
+        return max(1, threshold - colluders)
+
+
+@functools.lru_cache(maxsize=4096)
+def _params(s: SecureSettings, n: int) -> tuple[int, int]:
+    if n <= 1:
+        return max(0, n - 1), 1
+    if s.graph == "full" or (s.degree is not None and s.degree >= n - 1):
+        t = math.ceil(s.threshold * n - 1e-12) if s.threshold is not None else params.min_threshold(n, n - 1)
+        params.check(n, n - 1, t, s.dropout)
+        return n - 1, t
+    if s.degree is None:
+        return params.choose(n, s.dropout, s.failure_target, threshold_fraction=s.threshold)
+    t = (
+        math.ceil(s.threshold * (s.degree + 1) - 1e-12)
+        if s.threshold is not None
+        else params.min_threshold(n, s.degree)
+    )
+    params.check(n, s.degree, t, s.dropout)
+    return s.degree, t
 
 
 @dataclass
@@ -74,6 +119,11 @@ class SecureAggregator:
     weighting: str = "size"  # "size" or "equal" (client-level DP)
     client_clip: float = 0.0  # clients clip their own contribution to this norm (equal weighting)
     noise_std: float = 0.0  # Gaussian-equivalent std the clients' Skellam shares add to a sum (0: none)
+    # the clients' mechanism draws, when this process plays the clients' side (the simulator; a node
+    # sets its own clients'): each client's Skellam share comes from its own secret
+    clients: Streams | None = None
+    # every instance that could not complete (too many dropouts): its group's aggregate was skipped
+    failures: list[dict] = field(default_factory=list)
 
     # ---- the Aggregator protocol -----------------------------------------------------------------
     def coefficients(self, c: Contributions) -> torch.Tensor:
@@ -84,9 +134,24 @@ class SecureAggregator:
         return (sizes / group_sum(sizes, groups, c.n_groups)[groups]).to(c.values.dtype)
 
     def releases(self, c: Contributions) -> torch.Tensor:
+        """Groups whose aggregate the server applies: those that contributed (every group, with
+        client-level noise), except those whose instance failed in the last call."""
         if self.noise_std > 0 and self.weighting == "equal":
-            return torch.ones(c.n_groups, dtype=torch.bool, device=c.values.device)
-        return contributed(c)
+            out = torch.ones(c.n_groups, dtype=torch.bool, device=c.values.device)
+        else:
+            out = contributed(c)
+        for f in self.failures:
+            if (f["round"], f["step"], f["index"]) == (c.round, c.step, c.index):
+                out[f["group"]] = False
+        return out
+
+    def record_failure(self, c: Contributions, g: int, err: Exception) -> None:
+        """An instance that cannot complete skips its group's aggregate (shared parameters unchanged,
+        clients keep their local steps); the run goes on and the failure is counted."""
+        log.warning(
+            "secure aggregation: exchange (round %d, step %d) skipped for group %d: %s", c.round, c.step, g, err
+        )
+        self.failures.append({"round": c.round, "step": c.step, "index": c.index, "group": g, "reason": str(err)})
 
     def _denominator(self, c: Contributions) -> torch.Tensor:
         if c.expected is not None:
@@ -102,17 +167,20 @@ class SecureAggregator:
         return 2.0**self.settings.frac_bits
 
     def lam_total(self) -> float:
-        """Σλ of the Skellam noise in a decoded sum when only the threshold's survivors remain."""
+        """Σλ of the Skellam noise the guaranteed honest survivors carry in a decoded sum."""
         if self.noise_std == 0:
             return 0.0
         return (2.0**self.settings.noise_bits) ** 2 / 2  # variance 2λ = (scale·std)²
 
-    def __call__(self, c: Contributions, gen: torch.Generator) -> torch.Tensor:
+    def __call__(self, c: Contributions, draws: Draws) -> torch.Tensor:
         shape = c.values.shape[1:]
         out = torch.zeros(c.n_groups, *shape, dtype=c.values.dtype, device=c.values.device)
         values = c.values.flatten(1).detach().to("cpu", torch.float64).numpy()
         for g in range(c.n_groups):
-            out[g] = self._group(c, g, values, gen).reshape(shape).to(out)
+            try:
+                out[g] = self._group(c, g, values, draws).reshape(shape).to(out)
+            except SecureAggregationError as err:
+                self.record_failure(c, g, err)
         return out
 
     # ---- one group: planned by the server, encoded by each client, decoded by the server -----------
@@ -131,6 +199,46 @@ class SecureAggregator:
         graph = neighbours(everyone, self.settings.degree_for(n), graph_seed % 2**32)
         return GroupPlan(rows, ids, lost, everyone, drops, self.settings.threshold_for(n), graph)
 
+    def noise_share(self, threshold: int) -> float:
+        """λ of one client's Skellam share in an instance with this threshold."""
+        return self.lam_total() / self.settings.honest_for(threshold)
+
+    def noise_reserve(self, summands: int, threshold: int, dim: int) -> int:
+        """Integer room the summed shares of ``summands`` clients need in every coordinate, except
+        with probability :data:`WRAP_PROBABILITY` over the instance's ``dim`` coordinates."""
+        lam = self.noise_share(threshold) * summands
+        return skellam.tail_bound(lam, dim, WRAP_PROBABILITY) if lam > 0 else 0
+
+    def ring_room(self, ring_bits: int, n: int, dim: int, max_size: int, value_bound: float | None) -> str | None:
+        """Why an instance of ``n`` clients cannot fit a 2^ring_bits ring (None: it fits): the
+        training-set-size coordinate, the distributed noise's tails and the values' bound must all
+        stay below 2^(ring_bits − 1) together."""
+        half = 2 ** (ring_bits - 1)
+        if self.weighting == "size" and max_size * n >= half:
+            return f"the training-set-size coordinate (up to {n} × {max_size} records)"
+        reserve = self.noise_reserve(n, self.settings.threshold_for(n), dim)
+        if reserve >= half // 2:
+            return f"the distributed noise's tails ({reserve} at probability 2^-40, secure.noise_bits)"
+        if value_bound is not None and n * value_bound * self.scale() + reserve >= half:
+            return f"{n} clipped values of magnitude {value_bound:.3g} at scale {self.scale():.3g}"
+        return None
+
+    def check_ring(self, n: int, dim: int, max_size: int, value_bound: float | None = None) -> None:
+        """Refuse, before any training, a ring that an instance of up to ``n`` clients could wrap
+        (one line naming the keys and the smallest ``secure.ring_bits`` that fits)."""
+        why = self.ring_room(self.settings.ring_bits, n, dim, max_size, value_bound)
+        if why is None:
+            return
+        fits = next(
+            (k for k in range(self.settings.ring_bits + 1, 65) if not self.ring_room(k, n, dim, max_size, value_bound)),
+            None,
+        )
+        hint = f"the smallest secure.ring_bits that fits is {fits}" if fits else "no ring up to 64 bits fits"
+        raise ConfigError(
+            f"config error: secure.ring_bits = {self.settings.ring_bits} cannot hold {why} "
+            f"(secure.frac_bits = {self.settings.frac_bits}, secure.noise_bits = {self.settings.noise_bits}); {hint}"
+        )
+
     def encode(
         self,
         value: np.ndarray,
@@ -143,17 +251,25 @@ class SecureAggregator:
         index: int,
     ) -> np.ndarray:
         """A client's ring vector for one instance: its own clipping (equal weighting), weighting,
-        fixed point, its share of the distributed noise from its own stream, and its size (size weighting)."""
+        fixed point, its share of the distributed noise from its own secret draws, and its size (size
+        weighting)."""
         v = np.asarray(value, dtype=np.float64).reshape(-1)
         if self.weighting == "equal" and self.client_clip > 0:
             v = v * min(1.0, self.client_clip / max(float(np.linalg.norm(v)), 1e-12))
         v = v * (float(size) if self.weighting == "size" else 1.0)
         fp = FixedPoint(self.settings.ring_bits, self.scale())
-        q = fp.quantize(v, summands=summands)
-        lam_share = self.lam_total() / threshold
+        q = fp.quantize(v, summands=summands, reserve=self.noise_reserve(summands, threshold, len(v)))
+        if self.weighting == "size" and size * summands >= 2.0 ** (self.settings.ring_bits - 1):
+            raise ProtocolError(
+                f"a training-set size of {int(size)} cannot be summed over {summands} clients in a "
+                f"2^{self.settings.ring_bits} ring (raise secure.ring_bits)"
+            )
+        lam_share = self.noise_share(threshold)
         if lam_share > 0:
-            noise_gen = stream(self.settings.seed, Purpose.PROTOCOL, round_index, step, client, index)
-            q = q + skellam.sample(lam_share, (len(v),), noise_gen).numpy()
+            if self.clients is None:
+                raise ValueError("distributed DP needs the clients' mechanism streams (SecureAggregator.clients)")
+            draws = self.clients.draws(Purpose.DP_SHARE, round_index, step, client, index)
+            q = q + skellam.sample(lam_share, (len(v),), draws).numpy()
         ring = fp.to_ring(q)
         if self.weighting == "size":
             ring = np.concatenate([ring, np.array([int(size)], dtype=np.uint64)])
@@ -170,12 +286,17 @@ class SecureAggregator:
             return torch.from_numpy(summed / max(float(total[dim]), 1e-12))
         return torch.from_numpy(summed / float(self._denominator(c)[g]))
 
-    def _group(self, c: Contributions, g: int, values: np.ndarray, gen: torch.Generator) -> torch.Tensor:
+    def _group(self, c: Contributions, g: int, values: np.ndarray, draws: Draws) -> torch.Tensor:
         dim = values.shape[1]
         plan = self.plan_group(c, g)
         if plan is None:
-            return self.empty(c, g, dim, gen)
+            return self.empty(c, g, dim, draws)
         n = len(plan.everyone)
+        if self.settings.colluders is not None and plan.threshold <= self.settings.colluders:
+            raise SecureAggregationError(
+                f"an instance of {n} clients has threshold {plan.threshold}, not above secure.colluders = "
+                f"{self.settings.colluders}: it could not protect its clients against them"
+            )
         vectors = {
             client: self.encode(values[i], float(c.sizes[i]), client, n, plan.threshold, c.round, c.step, c.index)
             for i, client in zip(plan.rows, plan.ids)
@@ -187,10 +308,11 @@ class SecureAggregator:
             log.warning("secure aggregation: %d client(s) rejected this exchange", len(transcript.rejected))
         return self.decode(transcript.total, c, g, dim)
 
-    def empty(self, c: Contributions, g: int, dim: int, gen: torch.Generator) -> torch.Tensor:
+    def empty(self, c: Contributions, g: int, dim: int, draws: Draws) -> torch.Tensor:
         """Nobody took part in group g: nothing is summed; with client-level DP the server must still
-        release noise (it adds the threshold's worth itself, as a participant-free round has no clients)."""
+        release noise (it adds the full amount itself from its own draws: there is nobody to protect
+        from the server, but a receiver must not learn that the round was empty)."""
         if self.weighting == "equal" and self.noise_std > 0:
-            noise = skellam.sample(self.lam_total(), (dim,), gen).to(torch.float64) / self.scale()
+            noise = skellam.sample(self.lam_total(), (dim,), draws).to(torch.float64) / self.scale()
             return noise / float(self._denominator(c)[g])
         return torch.zeros(dim, dtype=torch.float64)

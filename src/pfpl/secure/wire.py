@@ -10,6 +10,8 @@ import numpy as np
 from pfpl.errors import ProtocolError
 from pfpl.secure import primitives as P
 from pfpl.secure.protocol import (
+    ABORTED,
+    STAGES,
     AdvertiseKeys,
     EncryptedShares,
     MaskedInput,
@@ -32,7 +34,13 @@ SCHEMAS: dict[type, dict[str, str]] = {
         "vector_length": "int",
         "ring_bits": "int",
     },
-    AdvertiseKeys: {"round_id": "bytes", "sender": "int", "cipher_key": "bytes", "mask_key": "bytes"},
+    AdvertiseKeys: {
+        "round_id": "bytes",
+        "sender": "int",
+        "cipher_key": "bytes",
+        "mask_key": "bytes",
+        "seed_commitment": "bytes",
+    },
     NeighbourKeys: {"round_id": "bytes", "recipient": "int", "keys": "pair_map"},
     EncryptedShares: {"round_id": "bytes", "sender": "int", "ciphertexts": "bytes_map"},
     SharesForYou: {"round_id": "bytes", "recipient": "int", "ciphertexts": "bytes_map"},
@@ -89,6 +97,8 @@ def _get(fields: dict, key: str, kind: str, what: str):
             raise ProtocolError(f"{what}: {key!r} is not a whole number of 64-bit elements")
         return np.frombuffer(raw, dtype="<u8").astype(np.uint64)
     ids = _typed(fields, f"{key}.ids", "ints", what)
+    if len(set(ids)) != len(ids):  # a dict would silently keep the last of two entries
+        raise ProtocolError(f"{what}: {key!r} names one id twice")
     if kind == "bytes_map":
         values = _typed(fields, f"{key}.values", "bytes_list", what)
         if len(values) != len(ids):
@@ -112,6 +122,8 @@ def to_fields(message) -> dict:
 
 def from_fields(fields: dict, expected: type | None = None):
     """The protocol message the fields hold; a ProtocolError if they are not one (of ``expected``)."""
+    if not isinstance(fields, dict):
+        raise ProtocolError(f"a secure-aggregation message must be fields, not {type(fields).__name__}")
     name = fields.get("type")
     if name not in BY_NAME:
         raise ProtocolError(f"not a secure-aggregation message (type {name!r})")
@@ -123,7 +135,13 @@ def from_fields(fields: dict, expected: type | None = None):
 
 # ---- a client's state between messages (kept by its own node, never sent) --------------------------
 def client_state(client: SecAggClient) -> dict:
-    out: dict = {"id": client.id, "vector": np.asarray(client.vector, dtype="<u8").tobytes()}
+    """Every field a client needs for its next phase, including its stage (so a node that rebuilds it
+    every phase still runs each phase once and in order) and whom it accused."""
+    out: dict = {
+        "id": client.id,
+        "vector": np.asarray(client.vector, dtype="<u8").tobytes(),
+        "stage": client.stage,
+    }
     if client.setup_msg is not None:
         out.update({f"setup.{k}": v for k, v in to_fields(client.setup_msg).items()})
         out["cipher_sk"] = P.private_bytes(client.cipher_sk)
@@ -133,21 +151,31 @@ def client_state(client: SecAggClient) -> dict:
         _put(out, "peer_keys", "pair_map", client.peer_keys)
     _put(out, "shared_with", "ints", client.shared_with)
     _put(out, "held", "pair_map", client.held)
+    _put(out, "accused", "ints", client.accused)
     return out
 
 
 def client_from_state(fields: dict) -> SecAggClient:
     what = "secure-aggregation state"
     client = SecAggClient(_get(fields, "id", "int", what), _get(fields, "vector", "ring", what))
+    client.stage = _get(fields, "stage", "int", what)
+    if not (client.stage == ABORTED or 0 <= client.stage < len(STAGES)):
+        raise ProtocolError(f"{what}: stage {client.stage} is not one of the client's stages")
+    if client.stage != ABORTED and (client.stage > 0) != ("setup.type" in fields):
+        raise ProtocolError(f"{what}: stage {client.stage} with{'out' if client.stage > 0 else ''} a setup")
     if "setup.type" in fields:
         client.setup_msg = from_fields(
-            {k.removeprefix("setup."): v for k, v in fields.items() if k.startswith("setup.")}
+            {k.removeprefix("setup."): v for k, v in fields.items() if k.startswith("setup.")}, Setup
         )
-        client.cipher_sk = P.private_from_bytes(_get(fields, "cipher_sk", "bytes", what))
-        client.mask_sk = P.private_from_bytes(_get(fields, "mask_sk", "bytes", what))
-        client.seed = _get(fields, "seed", "bytes", what)
+        secrets = {k: _get(fields, k, "bytes", what) for k in ("cipher_sk", "mask_sk", "seed")}
+        if any(len(v) != 32 for v in secrets.values()):
+            raise ProtocolError(f"{what}: keys and seed must be 32 bytes")
+        client.cipher_sk = P.private_from_bytes(secrets["cipher_sk"])
+        client.mask_sk = P.private_from_bytes(secrets["mask_sk"])
+        client.seed = secrets["seed"]
     if "peer_keys.ids" in fields:
         client.peer_keys = _get(fields, "peer_keys", "pair_map", what)
     client.shared_with = _get(fields, "shared_with", "ints", what)
     client.held = _get(fields, "held", "pair_map", what)
+    client.accused = _get(fields, "accused", "ints", what)
     return client

@@ -143,3 +143,7 @@ def main(grid: Grid, context: Context) -> None:
     except PfplError as err:
         atomic_write_text(result, json.dumps({"ok": False, "error": str(err)}))
         raise
+    except Exception as err:  # a bug: the launcher still gets one line, the traceback goes to the log
+        log.error("pfpl server: %s", traceback.format_exc())
+        atomic_write_text(result, json.dumps({"ok": False, "error": f"{type(err).__name__}: {err}"}))
+        raise

@@ -11,13 +11,35 @@ of every round, so a restarted server can resume the federation where its checkp
 
 A message names the round and step it belongs to; a node whose state is elsewhere answers with an
 error rather than train on the wrong state.
+
+A message may name an exchange the node has already trained (a server resumed from an earlier
+checkpoint, or one replaying messages): the node then trains it again from its snapshot — the same
+batches, noise and distributed-DP shares (they are keyed by round, step and client), so the same
+upload — but it never releases a second, different thing for one exchange. The node's release
+ledger (``{method}/masked`` and ``{method}/released`` in ``context.state``, a ledger file in its
+state folder, and a copy in every end-of-round snapshot; merged, never overwritten, whenever state
+is restored) records every (run, round, step, shared parameter, client) whose upload was encoded
+into a secure-aggregation instance, and the digest of every upload a private run sent in the clear:
+
+* under secure aggregation each client's upload of one exchange is masked into one instance, ever;
+  a later advertise for it (a replayed ``train``, a rewound node, a restarted node) is refused, so a
+  server cannot unmask two sums of one exchange that differ by one client's vector;
+* in a private run without secure aggregation a repeated exchange is answered only if every
+  client's upload is bit-identical to the one already sent (it then tells the server nothing new);
+  a different one — other shared parameters, the same noise — is refused.
+
+So a server killed mid-round after its clients masked an exchange resumes, from its end-of-round
+checkpoint, with those clients dropped from the re-run exchange (its instance is skipped below the
+threshold, as for any dropout), and continues normally from the next exchange.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,9 +54,12 @@ from pfpl.federation.client import ClientState, ClientUpdate, steps_per_round
 from pfpl.federation.flower import records as R
 from pfpl.federation.runner import Benchmark, method_settings, train_settings
 from pfpl.privacy.accounting import Accountant
-from pfpl.streams import Purpose, client_streams, stream
+from pfpl.privacy.modes import is_private, secret_randomness
+from pfpl.streams import Purpose, Streams, client_streams, stream
 
 log = logging.getLogger(__name__)
+
+RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a run id names a folder of the node's state: nothing else
 
 
 def flower_refusal(name: str) -> str | None:
@@ -64,15 +89,25 @@ class MethodState:
     momentum: dict[str, torch.Tensor]
     ledgers: list[Accountant]
     participations: list[int]
+    # the hosted clients' mechanism streams: their secrets never leave this node (secret material on
+    # disk too: the node's snapshot lets a resumed node continue its streams)
+    streams: Streams
+    # the node's release ledger at the snapshot (file only: in context.state it has its own records)
+    ledger: Ledger = field(default_factory=lambda: Ledger())
 
     def _meta(self) -> dict:
         """Everything but the tensors, as plain values (a ConfigRecord or a weights-only file holds it)."""
+        secrets = self.streams.secrets
         return {
             "run": self.run,
             "done": self.done,
             "next_step": self.next_step,
             "participations": list(self.participations),
             "ledgers": json.dumps([x.state_dict() for x in self.ledgers]),
+            "seed": self.streams.seed,
+            "secret_ids": [] if secrets is None else list(secrets),
+            "secrets": [] if secrets is None else list(secrets.values()),
+            "randomness": self.streams.mode,
         }
 
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -88,6 +123,12 @@ class MethodState:
             {k.removeprefix("momentum/"): v for k, v in tensors.items() if k.startswith("momentum/")},
             [Accountant.from_state(x) for x in json.loads(str(meta["ledgers"]))],
             [int(x) for x in meta["participations"]],
+            Streams(
+                int(meta["seed"]),
+                None
+                if str(meta["randomness"]) == "seeded"
+                else {int(c): bytes(v) for c, v in zip(meta["secret_ids"], meta["secrets"])},
+            ),
         )
 
     def to_records(self, state: RecordDict, name: str) -> None:
@@ -103,7 +144,7 @@ class MethodState:
     def to_file(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        torch.save({"meta": self._meta(), "tensors": self._tensors()}, tmp)
+        torch.save({"meta": self._meta(), "tensors": self._tensors(), "ledger": self.ledger.plain()}, tmp)
         tmp.replace(path)
 
     @classmethod
@@ -111,7 +152,75 @@ class MethodState:
         if not path.is_file():
             return None
         saved = torch.load(path, weights_only=True)
-        return cls._from(saved["meta"], saved["tensors"])
+        out = cls._from(saved["meta"], saved["tensors"])
+        out.ledger = Ledger.from_plain(saved.get("ledger"))
+        return out
+
+
+@dataclass
+class Ledger:
+    """What a node has released of one method's exchanges: ``masked`` — the uploads encoded into a
+    secure-aggregation instance (``run/round/step/index/client``); ``released`` — the digest of each
+    upload sent in the clear in a private run (``run/round/step/client`` -> sha256). Only ever grows:
+    restored copies are merged into it (:meth:`merge`), never put in its place."""
+
+    masked: set[str] = field(default_factory=set)
+    released: dict[str, str] = field(default_factory=dict)
+
+    def merge(self, other: Ledger) -> bool:
+        """Take in ``other``'s entries (a digest already held stays); True if anything was new."""
+        new = bool(other.masked - self.masked) or any(k not in self.released for k in other.released)
+        self.masked |= other.masked
+        for key, digest in other.released.items():
+            self.released.setdefault(key, digest)
+        return new
+
+    def of_run(self, run: str) -> Ledger:
+        prefix = f"{run}/"
+        return Ledger(
+            {k for k in self.masked if k.startswith(prefix)},
+            {k: v for k, v in self.released.items() if k.startswith(prefix)},
+        )
+
+    def plain(self) -> dict:
+        return {"masked": sorted(self.masked), "released": dict(sorted(self.released.items()))}
+
+    @classmethod
+    def from_plain(cls, plain) -> Ledger:
+        """A saved ledger; an unreadable one is a ProtocolError (the node then refuses: it cannot tell
+        what it already released)."""
+        if plain is None:
+            return cls()
+        try:
+            masked, released = plain["masked"], plain["released"]
+            if not all(isinstance(k, str) for k in masked):
+                raise TypeError("a masked entry is not a string")
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in released.items()):
+                raise TypeError("a released entry is not a string")
+            return cls(set(masked), dict(released))
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ProtocolError(f"the node's release ledger is unreadable: {err}") from None
+
+    def to_records(self, state: RecordDict, name: str) -> None:
+        state.config_records[f"{name}/masked"] = ConfigRecord({k: True for k in sorted(self.masked)})
+        state.config_records[f"{name}/released"] = ConfigRecord(dict(sorted(self.released.items())))
+
+    @classmethod
+    def from_records(cls, state: RecordDict, name: str) -> Ledger:
+        masked = state.config_records.get(f"{name}/masked")
+        released = state.config_records.get(f"{name}/released")
+        return cls(set(masked or {}), {k: str(v) for k, v in (released or {}).items()})
+
+
+def _digest(upload, row: int) -> str:
+    """A client's upload (its row of every shared tensor, and its record count), as sha256."""
+    h = hashlib.sha256()
+    for key in sorted(upload.values):
+        value = upload.values[key][row].detach().cpu().contiguous()
+        h.update(key.encode() + b"\0" + str(value.dtype).encode() + repr(tuple(value.shape)).encode())
+        h.update(value.numpy().tobytes())
+    h.update(repr(float(upload.sizes[row])).encode())
+    return h.hexdigest()
 
 
 class Node:
@@ -167,15 +276,47 @@ class Node:
         ]
         params = {k: torch.stack([r[k] for r in rows]) for k in method.local_params}
         kind = self.method(name)[1].accountant
-        return MethodState(run, 0, 0, params, {}, [Accountant(kind) for _ in self.clients], [0] * len(self.clients))
+        streams = Streams.create(seed, self.clients, secret_randomness(self.cfg.dp))
+        ledgers = [Accountant(kind) for _ in self.clients]
+        return MethodState(run, 0, 0, params, {}, ledgers, [0] * len(self.clients), streams)
 
     def _snapshot(self, name: str, run: str, done: int) -> Path:
         return self.state_dir / run / f"node-{self.partition_id}-{name}-round{done}.pt"
 
-    def _save_snapshot(self, name: str, current: MethodState) -> None:
-        """The end of round ``done``; the one before it stays (a server may resume from either)."""
+    def _save_snapshot(self, name: str, current: MethodState, state: RecordDict) -> None:
+        """The end of round ``done`` (with the release ledger); the one before it stays (a server may
+        resume from either)."""
+        current.ledger = self.ledger(name, current.run, state).of_run(current.run)
         current.to_file(self._snapshot(name, current.run, current.done))
         self._snapshot(name, current.run, current.done - 2).unlink(missing_ok=True)
+
+    # ---- the release ledger ----------------------------------------------------------------------
+    def _ledger_file(self, name: str, run: str) -> Path:
+        return self.state_dir / run / f"node-{self.partition_id}-{name}-ledger.json"
+
+    def ledger(self, name: str, run: str, state: RecordDict) -> Ledger:
+        """Everything the node released of ``name``: context.state's ledger merged with its ledger file
+        (a restarted node's context.state is empty; the file is not)."""
+        out = Ledger.from_records(state, name)
+        path = self._ledger_file(name, run)
+        if path.is_file():
+            try:
+                saved = json.loads(path.read_text())
+            except (OSError, ValueError) as err:
+                why = f"node {self.partition_id}: its release ledger {path} is unreadable: {err}"
+                raise ProtocolError(why) from None
+            out.merge(Ledger.from_plain(saved))
+        return out
+
+    def _keep_ledger(self, name: str, run: str, ledger: Ledger, state: RecordDict) -> None:
+        """Write the ledger to context.state and (this run's entries) to the ledger file, before any
+        reply that depends on it leaves the node."""
+        path = self._ledger_file(name, run)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(ledger.of_run(run).plain()))
+        tmp.replace(path)
+        ledger.to_records(state, name)
 
     def load(self, name: str, run: str, done: int, step: int | None, state: RecordDict) -> MethodState:
         """The method's state after ``done`` completed rounds (and, unless None, before exchange ``step``
@@ -185,9 +326,15 @@ class Node:
         def fits(s: MethodState | None) -> bool:
             return s is not None and s.run == run and s.done == done and (step is None or s.next_step == step)
 
+        if not RUN_ID.fullmatch(run):
+            raise ProtocolError(f"run id {run!r} is not 1 to 64 letters, digits, '-' or '_'")
         current = MethodState.from_records(state, name)
         if not fits(current):
             saved = MethodState.from_file(self._snapshot(name, run, done))
+            if saved is not None:  # its ledger joins the node's (a restore never forgets a release)
+                ledger = Ledger.from_records(state, name)
+                if ledger.merge(saved.ledger):
+                    ledger.to_records(state, name)
             if fits(saved):
                 current = saved
             elif done == 0 and step in (0, None) and (current is None or current.run != run):
@@ -241,8 +388,25 @@ class Node:
             {k: v[rows].clone() for k, v in current.momentum.items()},
         )
         s = self.settings
-        batches = self.data.batches(ids, per_round, s.batch_size, s.sampling, s.seed, r, range(step, step + steps))
-        upload = update(shared, sub, batches, self.sizes[ids], r, step)
+        batches = self.data.batches(
+            ids, per_round, s.batch_size, s.sampling, current.streams, r, range(step, step + steps)
+        )
+        upload = update(shared, sub, batches, self.sizes[ids], r, step, current.streams)
+        secure = self.cfg.federation.secure_aggregation
+        if not secure and is_private(self.cfg.dp):  # what goes out in the clear: once per exchange
+            ledger = self.ledger(name, run, state)
+            digests = {c: _digest(upload, i) for i, c in enumerate(clients)}
+            positions = {c: f"{run}/{r}/{step}/{c}" for c in clients}
+            differ = [c for c in clients if ledger.released.get(positions[c], digests[c]) != digests[c]]
+            if differ:
+                raise ProtocolError(
+                    f"client(s) {differ} already sent their upload of round {r}, step {step}: a different one "
+                    "for the same exchange (with the same noise) is not sent"
+                )
+            if any(positions[c] not in ledger.released for c in clients):
+                for c in clients:
+                    ledger.released.setdefault(positions[c], digests[c])
+                self._keep_ledger(name, run, ledger, state)
         for k, v in sub.params.items():
             current.params[k][rows] = v
         for k, v in sub.momentum.items():
@@ -257,12 +421,17 @@ class Node:
         current.to_records(state, name)
         reply = RecordDict()
         reply.config_records[R.PFPL] = ConfigRecord({"version": R.PROTOCOL_VERSION, "clients": clients})
-        if self.cfg.federation.secure_aggregation:  # the values stay here until the protocol masks them
+        if secure:  # the values stay here until the protocol masks them (once: the node's ledger)
             state.array_records[f"{name}/pending-values"] = R.to_arrays(upload.values)
-            state.config_records[f"{name}/pending-meta"] = ConfigRecord({"clients": clients, "round": r, "step": step})
+            state.config_records[f"{name}/pending-meta"] = ConfigRecord(
+                {"run": run, "clients": clients, "round": r, "step": step, "advertised": False}
+            )
             return reply
         reply.array_records[R.VALUES] = R.to_arrays(upload.values)
-        reply.array_records[R.STATS] = R.to_arrays({"sizes": upload.sizes, "loss": upload.loss.detach()})
+        stats = {"sizes": upload.sizes}  # public (each client's record count)
+        if not is_private(self.cfg.dp):  # the un-noised loss is no mechanism output: it stays here
+            stats["loss"] = upload.loss.detach()
+        reply.array_records[R.STATS] = R.to_arrays(stats)
         return reply
 
     def secure_aggregation(self, content: RecordDict, state: RecordDict) -> RecordDict:
@@ -270,64 +439,106 @@ class Node:
         the server addressed: ``advertise`` encodes the client's pending upload (its own clipping,
         weighting, fixed point and distributed noise) and starts its protocol state; ``share``,
         ``masked`` and ``unmask`` continue it. A client whose step fails is left out of the reply (the
-        server treats it as dropped)."""
+        server treats it as dropped).
+
+        A client's upload of one (run, round, step, shared parameter) is encoded into one instance,
+        ever: the first advertise naming it enters it in the node's release ledger (before encoding,
+        so a failed attempt is not retried either), which a replayed ``train`` message, a fallback to
+        an older snapshot or a restarted node never resets. A second advertise for it — in the same
+        message, in a later one, after the server re-sent the exchange's ``train`` — is refused and
+        logged, the client left out of the reply: else a server could unmask two sums of one exchange
+        that differ by exactly one client's vector (or average away its fresh noise shares). A server
+        killed mid-round after masking therefore resumes with those clients dropped from the re-run
+        exchange."""
         from pfpl.federation.runner import build_aggregator
         from pfpl.secure import wire
-        from pfpl.secure.protocol import PHASES, SecAggClient
+        from pfpl.secure.protocol import PHASES, SecAggClient, Setup
 
         head = R.header(content)
         name, phase = str(head["method"]), str(head["phase"])
         if phase not in PHASES:
             raise ProtocolError(f"unknown secure-aggregation phase {phase!r}")
         method, plan, _, _ = self.method(name)
-        aggregator = build_aggregator(self.cfg, plan)
         reply = RecordDict()
         reply.config_records[R.PFPL] = ConfigRecord({"version": R.PROTOCOL_VERSION, "phase": phase})
         steps = {"share": SecAggClient.share_keys, "masked": SecAggClient.masked_input, "unmask": SecAggClient.unmask}
-        if phase == "advertise":  # a new exchange: what earlier instances left behind goes
-            for key in [k for k in state.config_records if k.startswith("secagg/")]:
-                del state.config_records[key]
+        pending = state.config_records.get(f"{name}/pending-meta")
+        if phase == "advertise":
+            run, exchange = str(head["run"]), (int(head["round"]), int(head["step"]))
+            current = pending is not None and (
+                str(pending.get("run")),
+                int(pending["round"]),
+                int(pending["step"]),
+            ) == (run, *exchange)
+            if not (current and bool(pending["advertised"])):  # a new exchange: earlier instances' states go
+                for key in [k for k in state.config_records if k.startswith("secagg/")]:
+                    del state.config_records[key]
+            if current:
+                pending["advertised"] = True
+            # the hosted clients' own streams draw their distributed-DP shares
+            streams = self.load(name, run, exchange[0], None, state).streams
+            aggregator = build_aggregator(self.cfg, plan, streams)
+            ledger = self.ledger(name, run, state)
+            masked_before = len(ledger.masked)
+        started: dict[str, ConfigRecord] = {}  # advertise: kept only once the ledger is written
         for key, record in content.config_records.items():
             if not key.startswith("secagg/"):
                 continue
-            instance, client = key.removeprefix("secagg/").rsplit("/", 1)
             fields = dict(record)
             try:
+                instance, client = R.secagg_entry(key)
+                if client not in self.clients:
+                    raise ProtocolError(f"node {self.partition_id} does not host client {client}")
                 if phase == "advertise":
-                    message = wire.from_fields({k: v for k, v in fields.items() if k != "summands"})
-                    pending = state.config_records.get(f"{name}/pending-meta")
-                    if (
-                        pending is None
-                        or int(pending["round"]) != int(head["round"])
-                        or int(pending["step"]) != int(head["step"])
-                    ):
+                    if not current:
                         raise ProtocolError("no upload of this exchange is waiting for secure aggregation")
                     index = int(instance.split(".")[0])
+                    if index >= len(method.shared_params):
+                        raise ProtocolError(f"{name} has no shared parameter {index}")
+                    pending_clients = [int(c) for c in pending["clients"]]
+                    if client not in pending_clients:
+                        raise ProtocolError("it has no upload waiting in this exchange")
+                    use = f"{run}/{exchange[0]}/{exchange[1]}/{index}/{client}"
+                    if use in ledger.masked:
+                        raise ProtocolError(
+                            f"its upload of {method.shared_params[index]!r} in round {exchange[0]}, step "
+                            f"{exchange[1]} was already encoded for an instance: it is not masked a second time"
+                        )
+                    ledger.masked.add(use)  # before encoding: a failed attempt is not retried either
+                    summands = fields.get("summands")
+                    if not isinstance(summands, int) or isinstance(summands, bool) or summands < 1:
+                        raise ProtocolError(f"summands {summands!r} is not a positive integer")
+                    message = wire.from_fields({k: v for k, v in fields.items() if k != "summands"}, Setup)
                     values = R.from_arrays(state.array_records[f"{name}/pending-values"])[method.shared_params[index]]
-                    row = [int(c) for c in pending["clients"]].index(int(client))
                     vector = aggregator.encode(
-                        values[row].numpy(),
-                        float(self.sizes[int(client)]),
-                        int(client),
-                        int(fields["summands"]),
+                        values[pending_clients.index(client)].numpy(),
+                        float(self.sizes[client]),
+                        client,
+                        summands,
                         message.threshold,
-                        int(head["round"]),
-                        int(head["step"]),
+                        exchange[0],
+                        exchange[1],
                         index,
                     )
-                    holder = SecAggClient(int(client), vector)
+                    holder = SecAggClient(client, vector)
                     answer = holder.setup(message)
                 else:
                     holder = wire.client_from_state(dict(state.config_records[f"secagg/{instance}/{client}"]))
                     answer = steps[phase](holder, wire.from_fields(fields))
-            except (PfplError, KeyError, ValueError) as err:
-                log.warning("pfpl node: client %s left secure aggregation %s at %s: %s", client, instance, phase, err)
+            except (PfplError, KeyError, ValueError, TypeError, AttributeError) as err:
+                log.warning("pfpl node: left %s out of secure aggregation at %s: %s", key, phase, err)
                 continue
             if phase == "unmask":
                 del state.config_records[f"secagg/{instance}/{client}"]
+            elif phase == "advertise":
+                started[f"secagg/{instance}/{client}"] = ConfigRecord(wire.client_state(holder))
             else:
                 state.config_records[f"secagg/{instance}/{client}"] = ConfigRecord(wire.client_state(holder))
             reply.config_records[key] = ConfigRecord(wire.to_fields(answer))
+        if phase == "advertise" and len(ledger.masked) > masked_before:
+            self._keep_ledger(name, run, ledger, state)  # no instance starts on a ledger it did not keep
+        for key, record in started.items():
+            state.config_records[key] = record
         return reply
 
     def evaluate(self, content: RecordDict, state: RecordDict) -> RecordDict:
@@ -350,7 +561,7 @@ class Node:
         eps = [plan.client_epsilon(led, n) for led, n in zip(current.ledgers, current.participations)]
         current.done, current.next_step = r, 0
         current.to_records(state, name)
-        self._save_snapshot(name, current)
+        self._save_snapshot(name, current, state)
         reply = RecordDict()
         reply.config_records[R.PFPL] = ConfigRecord(
             {
