@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from pfpl.algorithms import AUXILIARY_METHODS, CLUSTERING_METHODS, DEFAULT_METHODS, METHOD_NAMES
+from pfpl.algorithms import DEFAULT_METHODS, METHOD_NAMES, spec
 from pfpl.errors import ConfigError
 from pfpl.privacy.modes import DP_MODES, MODES, is_private
 
@@ -321,7 +321,7 @@ def default_methods_for_privacy(cfg: Config) -> tuple[list[str], list[str]]:
     methods = list(cfg.train.methods)
     if "methods" in cfg.train.model_fields_set or cfg.secfpp.cluster_on != "images":
         return methods, []
-    left = [m for m in methods if m in CLUSTERING_METHODS]
+    left = [m for m in methods if spec(m).clusters]
     return [m for m in methods if m not in left], left
 
 
@@ -395,7 +395,7 @@ def _check_together(cfg: Config) -> None:
             f"config error: prompt.init = {phrase!r} starts the context from its {len(phrase.split())} words, but "
             f"prompt.n_ctx = {cfg.prompt.n_ctx}; set prompt.n_ctx = {len(phrase.split())} or leave it unset"
         )
-    auxiliary = [m for m in cfg.train.methods if m in AUXILIARY_METHODS]
+    auxiliary = [m for m in cfg.train.methods if spec(m).auxiliary]
     if auxiliary and cfg.federation.sync != "fedavg":
         raise ConfigError(
             f"config error: {auxiliary[0]} trains two stages per round and sends its prompt once: it needs "
@@ -406,7 +406,7 @@ def _check_together(cfg: Config) -> None:
             "config error: fedsp.upload = 'reference' sends every client's auxiliary body to the server in the "
             "clear; it cannot run with federation.secure_aggregation (use fedsp.upload = 'prompt')"
         )
-    clustering = [m for m in cfg.train.methods if m in CLUSTERING_METHODS]
+    clustering = [m for m in cfg.train.methods if spec(m).clusters]
     needed = 2 * (cfg.secfpp.lcc_slices + cfg.secfpp.lcc_privacy - 1) + 1
     if clustering and cfg.federation.n_clients < needed:
         raise ConfigError(

@@ -16,6 +16,10 @@ import torch
 
 from pfpl.streams import Draws
 
+#: the phases of a secure-aggregation exchange a client can drop out before (1 advertise keys, 2 share
+#: keys, 3 masked input, 4 unmasking): the protocol's, and what a simulated dropout draws from
+PHASES = ("advertise", "share", "masked", "unmask")
+
 
 @dataclass
 class Upload:

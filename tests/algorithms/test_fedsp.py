@@ -73,7 +73,7 @@ def _cfg(tmp_path, *extra):
 
 
 def test_a_client_uploads_its_prompt_and_nothing_else(tmp_path):
-    from pfpl.federation.runner import Benchmark
+    from pfpl.federation.context import Benchmark
 
     for upload, expected in (("prompt", set()), ("reference", None)):
         bench = Benchmark(_cfg(tmp_path, "train.methods=['fedsp']", f"fedsp.upload='{upload}'"))
@@ -146,7 +146,8 @@ def test_sample_level_dp_charges_both_stages_of_every_round(tmp_path):
     import dp_accounting
     from dp_accounting.rdp import RdpAccountant
 
-    from pfpl.federation.runner import Benchmark, epsilons
+    from pfpl.federation.context import Benchmark
+    from pfpl.federation.report import epsilons
 
     sigma, reported = 2.0, {}
     for method, stages in (("fedsp", 2), ("fedsp-noalign", 1)):

@@ -7,7 +7,7 @@ from pfpl.backbones import PromptTower
 from pfpl.config import load_config
 from pfpl.errors import ConfigError
 from pfpl.evaluation.zeroshot import zero_shot_text_features
-from pfpl.federation.runner import Benchmark
+from pfpl.federation.context import Benchmark
 from pfpl.prompts.coop import phrase_context
 
 SMALL = [

@@ -22,7 +22,8 @@ from pfpl.config import Config, build_config
 from pfpl.data.clients import ClientData
 from pfpl.data.features import Features
 from pfpl.federation.client import TrainSettings
-from pfpl.federation.runner import build_engine, epsilons
+from pfpl.federation.report import epsilons
+from pfpl.federation.wiring import build_engine
 
 SCALE = 20.0
 SETTINGS = MethodSettings(init_std=0.3)

@@ -44,7 +44,7 @@ def _one_line_error(capsys, *words):
 @pytest.mark.parametrize("method", ["dpfpl", "secfpp"])
 def test_a_prompt_exported_from_a_run_predicts_with_the_accuracy_the_run_reported(trained, tmp_path, capsys, method):
     from pfpl.config import build_config
-    from pfpl.federation.runner import Benchmark
+    from pfpl.federation.context import Benchmark
 
     out = tmp_path / "prompt.safetensors"
     assert main(["export", str(trained), "--method", method, "--client", "1", "--out", str(out)]) == 0

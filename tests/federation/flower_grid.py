@@ -5,15 +5,17 @@ Imported by the Flower test modules (not a test module itself)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.supercore.task_identity import TaskIdentity
 
 from pfpl.config import load_config
-from pfpl.federation.flower.apps import client_app
+from pfpl.federation.flower.handlers import node_app
 
 SMALL = [
     "federation.n_clients=5",
@@ -47,9 +49,11 @@ def snapshot(content: RecordDict) -> dict:
 class InProcessGrid:
     """Flower's Grid for a ServerApp, with the SuperNodes' ClientApp called in this process. ``down``:
     nodes that do not answer; ``meddle(kind, node, reply)``: may alter a reply on its way back;
-    ``record``: keep every reply the server receives in ``replies`` as ``(kind, node, snapshot)``."""
+    ``record``: keep every reply the server receives in ``replies`` as ``(kind, node, snapshot)``.
+    The nodes run ``app`` (default ``node_app``, what a SuperNode's warm worker runs) at
+    ``push_messages``; their replies wait for ``pull_messages``, as on a SuperLink."""
 
-    def __init__(self, nodes: int, cache: Path, meddle=None, silent=None, record: bool = False):
+    def __init__(self, nodes: int, cache: Path, meddle=None, silent=None, record: bool = False, app=None):
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
         self.contexts = {
             100 + i: Context(
@@ -61,34 +65,57 @@ class InProcessGrid:
             )
             for i in range(nodes)
         }
+        self.app = app or node_app  # app(message, context) -> reply: how a node answers
         self.down: set[int] = set()
         self.meddle = meddle
         self.silent = silent  # silent(kind, node, content) -> True: the node does not answer this one
         self.sent: list[tuple[str, int]] = []
         self.record = record
         self.replies: list[tuple[str, int, dict]] = []
+        self._waiting: dict[str, object] = {}  # message id -> its reply, until pulled
 
     def get_node_ids(self):
         return list(self.contexts)
 
-    def send_and_receive(self, messages, timeout=None):
-        out = []
+    def push_messages(self, messages):
+        ids = []
         for m in messages:
             node, kind = m.metadata.dst_node_id, m.metadata.message_type
+            m.metadata.__dict__["_message_id"] = mid = f"m{len(self.sent)}"
+            ids.append(mid)
             self.sent.append((kind, node))
             if node in self.down or (self.silent and self.silent(kind, node, m.content)):
+                # what a SuperLink answers once the node has stopped heart-beating
+                self._waiting[mid] = create_message_error_unavailable_res_message(m.metadata, "node_unavail")
                 continue
             TaskIdentity.node_id = node
             try:
-                reply = client_app(m, self.contexts[node])
+                reply = self.app(m, self.contexts[node])
             finally:
                 TaskIdentity.node_id = 0
             if self.meddle and reply.has_content():
                 self.meddle(kind, node, reply.content)
             if self.record and reply.has_content():
                 self.replies.append((kind, node, snapshot(reply.content)))
-            out.append(reply)
-        return out
+            self._waiting[mid] = reply
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self._waiting.pop(mid) for mid in list(message_ids) if mid in self._waiting]
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes whose environment mentions ``text`` (each Flower process gets FLWR_HOME)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if text.encode() in (proc / "environ").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
 
 
 def small_cfg(cache: Path, *extra):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flower_grid import SMALL, InProcessGrid, job, same, small_cfg
+from flower_grid import SMALL, InProcessGrid, job, processes_mentioning, same, small_cfg
 from flwr.app import RecordDict
 
 from pfpl.config import load_config
@@ -91,13 +91,13 @@ def _meddling(kind_wanted: str, node_wanted: int, how: str):
 def test_a_malformed_reply_is_rejected_with_its_reason_and_not_aggregated(flower_cache, how, reason):
     cfg = small_cfg(flower_cache, "train.methods=['dpfpl']", "federation.rounds=1")
     grid = InProcessGrid(3, flower_cache, meddle=_meddling("train", 101, how))
-    from pfpl.federation.runner import Benchmark
+    from pfpl.federation.context import Benchmark
 
     bench = Benchmark(cfg)
     cluster = Cluster(grid, cfg, 3)
     cluster.connect(bench)
     training = FlowerTraining(cluster, bench, "dpfpl")
-    upload = training.exchange(list(range(5)), 0, 0, 1, last=False)
+    upload = training.rounds.step(list(range(5)), 0, 0, 1, last=False)
     (rejected,) = cluster.rejected
     assert rejected["node"] == 101 and rejected["kind"] == "train" and reason in rejected["reason"]
     assert set(upload.clients.tolist()) == set(range(5)) - set(cluster.hosted[101])  # not aggregated
@@ -162,27 +162,24 @@ def test_a_restarted_server_resumes_to_the_same_result(flower_cache, tmp_path):
 def test_a_node_asked_for_the_wrong_round_answers_with_an_error(flower_cache):
     cfg = small_cfg(flower_cache, "train.methods=['dpfpl']")
     grid = InProcessGrid(3, flower_cache)
-    from pfpl.federation.runner import Benchmark
+    from pfpl.federation.context import Benchmark
 
     bench = Benchmark(cfg)
     cluster = Cluster(grid, cfg, 3)
     cluster.connect(bench)
     training = FlowerTraining(cluster, bench, "dpfpl")
-    upload = training.exchange(list(range(5)), 1, 0, 1, last=False)  # round 1 before round 0
+    upload = training.rounds.step(list(range(5)), 1, 0, 1, last=False)  # round 1 before round 0
     assert len(upload.clients) == 0
     assert len(cluster.rejected) == 3 and all("holds no state" in r["reason"] for r in cluster.rejected)
 
 
-def test_a_federation_missing_a_partition_or_a_method_flower_cannot_run_is_refused(flower_cache, tmp_path):
+def test_a_federation_missing_a_partition_is_refused(flower_cache, tmp_path):
     cfg = small_cfg(flower_cache, "train.methods=['dpfpl']")
     with pytest.raises(DeploymentError, match="no SuperNode hosts client"):
         grid = InProcessGrid(3, flower_cache)
         for c in grid.contexts.values():  # every node claims to be one of 4: client 3 has no host
             c.node_config["num-partitions"] = 4
         run_job(grid, {**job(cfg, tmp_path / "a"), "supernodes": 3})
-    secfpp = small_cfg(flower_cache, "train.methods=['secfpp']")
-    with pytest.raises(DeploymentError, match="SecPC"):
-        run_job(InProcessGrid(3, flower_cache), job(secfpp, tmp_path / "b"))
 
 
 def _silent_at(phase: str, nodes: set[int], round: int = 0):
@@ -237,20 +234,6 @@ def test_secure_aggregation_goes_on_without_a_node_lost_mid_protocol_and_skips_a
     assert all(touched for i, (_, touched) in enumerate(applied) if i != steps)
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    """Live processes whose environment mentions ``text`` (each Flower process gets FLWR_HOME)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if text.encode() in (proc / "environ").read_bytes():
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
-
-
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="process check reads /proc")
 def test_pfpl_flower_run_on_loopback_equals_the_simulator_and_leaves_no_process(
     flower_cache, tmp_path, monkeypatch, capsys
@@ -272,7 +255,7 @@ def test_pfpl_flower_run_on_loopback_equals_the_simulator_and_leaves_no_process(
     simulated = run(load_config(None, overrides), tmp_path / "sim")
     same(summary, simulated)
     assert (tmp_path / "flower" / "summary.json").is_file()
-    assert _processes_mentioning(str(tmp_path)) == []
+    assert processes_mentioning(str(tmp_path)) == []
 
 
 @pytest.mark.slow
@@ -304,7 +287,7 @@ def test_a_killed_supernode_leaves_the_rounds_to_the_survivors(flower_cache, tmp
     assert summary["methods"]["dpfpl"]["flower"]["rejected_replies"] >= 2
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2, 3] and [r["participants"] for r in rows] == [5, 5, 5]
-    assert _processes_mentioning(str(tmp_path / "federation")) == []
+    assert processes_mentioning(str(tmp_path / "federation")) == []
 
 
 def test_the_projects_flower_app_section_is_valid_and_names_the_apps_pfpl_flower_run_uses():

@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 
 from pfpl.config import load_config
 from pfpl.errors import DeploymentError
+from pfpl.federation.context import Benchmark
 from pfpl.federation.flower import records as R
 from pfpl.federation.flower.driver import Cluster, FlowerTraining
-from pfpl.federation.runner import Benchmark
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -205,7 +205,7 @@ def world(flower_cache):
         out[name] = (cfg, bench, grid, cluster)
     cfg, bench, grid, cluster = out["plain"]
     everyone = list(range(cfg.federation.n_clients))
-    out["upload"] = FlowerTraining(cluster, bench, "promptfl").exchange(everyone, 0, 0, 1, last=False)
+    out["upload"] = FlowerTraining(cluster, bench, "promptfl").rounds.step(everyone, 0, 0, 1, last=False)
     out["evaluation"] = FlowerTraining(cluster, bench, "promptfl").evaluate()
     handler = Warnings()
     logging.getLogger("pfpl").addHandler(handler)
@@ -234,7 +234,7 @@ def test_a_mutated_reply_is_rejected_and_the_others_count_exactly(world, kind, n
             return
         training = FlowerTraining(cluster, bench, "promptfl")
         everyone = list(range(cfg.federation.n_clients))
-        result = training.exchange(everyone, 0, 0, 1, last=False) if kind == "train" else training.evaluate()
+        result = training.rounds.step(everyone, 0, 0, 1, last=False) if kind == "train" else training.evaluate()
     finally:
         grid.meddle = None
     assume(meddler.changed)
@@ -291,14 +291,17 @@ def test_a_mutated_secure_aggregation_answer_drops_its_client_and_the_sum_stays_
     warnings.messages.clear()
     training = FlowerTraining(cluster, bench, "promptfl")
     seen = {}
-    aggregate = training.secure.aggregate
-    training.secure.aggregate = lambda c, h: seen.setdefault("out", aggregate(c, h))
+    apply = training.server.apply  # what the secure session released, as the server applies it
+    training.server.apply = lambda name, agg, touched, r: (
+        seen.setdefault("out", ({name: agg}, {name: touched})),
+        apply(name, agg, touched, r),
+    )[1]
     meddler = Meddler("train.secagg", node, mutation, phase)
     grid.meddle, grid.replies[:] = meddler, []
     rejected, failures = len(cluster.rejected), len(training.server.aggregator.failures)
     everyone = list(range(cfg.federation.n_clients))
     try:
-        training.exchange(everyone, 0, 0, 1, last=False)
+        training.rounds.step(everyone, 0, 0, 1, last=False)
     finally:
         grid.meddle = None
     assume(meddler.changed)
@@ -374,7 +377,7 @@ def test_a_reply_that_used_to_crash_the_server_is_rejected_naming_its_node(world
     grid.meddle, before = meddle, len(cluster.rejected)
     training = FlowerTraining(cluster, bench, "promptfl")
     try:
-        upload = training.exchange(list(range(cfg.federation.n_clients)), 0, 0, 1, last=False)
+        upload = training.rounds.step(list(range(cfg.federation.n_clients)), 0, 0, 1, last=False)
     finally:
         grid.meddle = None
     new = cluster.rejected[before:]

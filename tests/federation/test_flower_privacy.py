@@ -19,10 +19,11 @@ from flower_grid import SMALL, InProcessGrid, same
 from flwr.app import RecordDict
 
 from pfpl.config import build_config, load_config
+from pfpl.federation.context import Benchmark
 from pfpl.federation.flower import records as R
-from pfpl.federation.flower.driver import Cluster, FlowerTraining, SecureOverMessages, _content
+from pfpl.federation.flower.driver import Cluster, FlowerTraining, _content
 from pfpl.federation.flower.node import MethodState
-from pfpl.federation.runner import Benchmark, resume, run
+from pfpl.federation.runner import resume, run
 from pfpl.secure import wire
 from pfpl.secure.protocol import AdvertiseKeys, EncryptedShares, MaskedInput, UnmaskShares
 from pfpl.streams import SERVER, Purpose, Streams
@@ -371,14 +372,15 @@ def _instance(training, clients: list[int]):
     return ("global", 0, None, plan, server, dim)
 
 
-def _run_instances(secure: SecureOverMessages, instances: dict, header: dict) -> dict:
-    """Every phase of the instances, as the server drives them; {key: decoded sum, or the error}."""
+def _run_instances(secure: FlowerTraining, instances: dict, header: dict) -> dict:
+    """Every phase of the instances, as the server drives them (its carrier's round trips, chosen by a
+    deviating server); {key: decoded sum, or the error}."""
     from pfpl.secure.protocol import SecureAggregationError
 
     inbox = {key: inst[4].setup() for key, inst in instances.items()}
     out = {}
     for phase, method in zip(PHASE_MESSAGE, ("collect_keys", "collect_shares", "collect_masked", "collect_unmask")):
-        answers = secure._round_trip(phase, inbox, instances, header)
+        answers = secure.carrier._round_trip(phase, inbox, {k: inst[3] for k, inst in instances.items()}, header)
         inbox = {}
         for key in [k for k in instances if k not in out]:
             try:
@@ -387,7 +389,7 @@ def _run_instances(secure: SecureOverMessages, instances: dict, header: dict) ->
                 out[key] = err
         inbox = {k: v for k, v in inbox.items() if k not in out}
     for key, total in inbox.items():
-        out[key] = secure.aggregator.decode(total, None, 0, instances[key][5])
+        out[key] = secure.server.aggregator.decode(total, None, 0, instances[key][5])
     return out
 
 
@@ -410,7 +412,7 @@ def test_a_server_cannot_obtain_two_sums_of_one_exchange_that_differ_by_one_clie
     from pfpl.secure.protocol import SecureAggregationError
 
     cfg, bench, grid, training = _deviating_setup(flower_cache)
-    secure, header = training.secure, training._header(round=0, step=0)
+    secure, header = training, training._header(round=0, step=0)
     everyone, without_u = [0, 1, 2, 3, 4], [1, 2, 3, 4]
     both = {"0.0": _instance(training, everyone), "0.1": _instance(training, without_u)}
     with caplog.at_level("WARNING"):
@@ -487,7 +489,7 @@ def test_a_replayed_train_message_cannot_feed_a_second_instance_of_its_exchange(
     cfg, bench, grid, training = _past_an_honest_round(
         flower_cache, "federation.secure_aggregation=true", "secure.graph='full'"
     )
-    cluster, secure = training.cluster, training.secure
+    cluster, secure = training.cluster, training
     everyone, u = list(range(cfg.federation.n_clients)), 3
     without_u = [c for c in everyone if c != u]
     header = training._header(round=1, step=0)

@@ -48,7 +48,7 @@ def test_a_sweep_folder_trained_with_another_config_is_refused_before_training(t
     assert not (tmp_path / "sweep" / "eps-inf").exists()
     assert (tmp_path / "sweep" / "eps-1" / "summary.json").read_text() == before
     # an explicit dp.lr equal to the default for the target trains the same run: reused
-    from pfpl.federation.runner import private_sgd
+    from pfpl.federation.wiring import private_sgd
 
     lr, _ = private_sgd(sweep_configs(cfg, [1.0])["1"])
     same = load_config(None, TINY + [f"cache_dir='{tmp_path / 'c2'}'", f"dp.lr={lr}"])

@@ -18,7 +18,8 @@ from pfpl.backbones.prompt_tower import PromptTower
 from pfpl.config import load_config
 from pfpl.data.clients import ClientData, client_batches
 from pfpl.errors import PrivacyConfigError
-from pfpl.federation.runner import build_engine, epsilons, train_settings
+from pfpl.federation.report import epsilons
+from pfpl.federation.wiring import build_engine, train_settings
 from pfpl.messages import Contributions
 from pfpl.privacy.mechanisms import PerSampleDP, StepLoss
 from pfpl.privacy.rules import validate_dp

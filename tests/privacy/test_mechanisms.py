@@ -11,8 +11,9 @@ from pfpl.config import load_config
 from pfpl.data.clients import Batch, ClientData
 from pfpl.errors import PrivacyConfigError
 from pfpl.federation.client import TrainSettings
-from pfpl.federation.runner import build_engine, epsilons
+from pfpl.federation.report import epsilons
 from pfpl.federation.simulator import Simulator
+from pfpl.federation.wiring import build_engine
 from pfpl.messages import Contributions, WeightedMean
 from pfpl.privacy.aggregation import ClientLevelDP, GlobalDP
 from pfpl.privacy.mechanisms import (

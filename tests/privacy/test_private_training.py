@@ -10,7 +10,9 @@ from pfpl.backbones import PromptTower
 from pfpl.config import load_config
 from pfpl.data.features import image_features
 from pfpl.evaluation.federated import EvalPlan, evaluate_clients
-from pfpl.federation.runner import Benchmark, private_sgd, run
+from pfpl.federation.context import Benchmark
+from pfpl.federation.runner import run
+from pfpl.federation.wiring import private_sgd
 from pfpl.privacy import defaults
 from pfpl.privacy.clipping import quantile_clip, record_gradient_norms
 

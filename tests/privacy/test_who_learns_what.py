@@ -226,7 +226,8 @@ def test_distributed_dp_holds_against_the_server_and_its_colluders(tmp_path, col
     survivors' noise alone gives, computed independently, stays within the ε pfpl reports. The old
     sizing (each client λ/t) would not against t − 1 colluders: the independent ε exceeds it."""
     from pfpl.federation.client import steps_per_round
-    from pfpl.federation.runner import Benchmark, build_aggregator, train_settings
+    from pfpl.federation.context import Benchmark
+    from pfpl.federation.wiring import build_aggregator, train_settings
 
     sets = [
         *SMALL,
@@ -313,7 +314,7 @@ def test_a_private_secfpp_release_does_not_show_the_label_set(tmp_path, public):
 def test_certificate_labels_say_what_ran(tmp_path):
     """ε = ∞ is no guarantee; client-level-only runs are stated per client; secure aggregation and the
     client-level mechanism appear; a Skellam event is not called Gaussian."""
-    from pfpl.federation.runner import Benchmark
+    from pfpl.federation.context import Benchmark
 
     def plan(*sets):
         cfg = load_config(None, [*SMALL, f"cache_dir='{tmp_path / 'cache'}'", "train.methods=['dpfpl']", *sets])
@@ -337,7 +338,7 @@ def test_certificate_labels_say_what_ran(tmp_path):
 def test_secure_client_level_dp_claims_no_amplification_against_the_server(tmp_path):
     """Under secure aggregation the server picks the participants: a round is charged as if every
     client took part (the same ε at participation 0.5 as at 1)."""
-    from pfpl.federation.runner import Benchmark
+    from pfpl.federation.context import Benchmark
     from pfpl.privacy.accounting import Accountant
 
     def eps(p):
@@ -368,7 +369,7 @@ def test_client_level_dp_alone_withholds_the_loss_and_needs_something_shared(tmp
     mechanism is the plain one, but the run is private); and a method that shares nothing (CoOp) is
     refused — no aggregate would be noised, so no client-level ε could mean anything."""
     from pfpl.errors import PrivacyConfigError
-    from pfpl.federation.runner import Benchmark
+    from pfpl.federation.context import Benchmark
 
     client_level = ["dp.client_clip=1.0", "dp.client_noise_multiplier=1.0", "train.methods=['promptfl']"]
     _, seen = _run(tmp_path, "client-level", client_level, monkeypatch)

@@ -13,15 +13,15 @@ from scipy import stats
 from pfpl.secure.field import PRIMES, Field, from_residues, is_prime, to_residues
 from pfpl.secure.lcc import LCC, RecoveryError
 from pfpl.secure.secpc import (
+    ClusteringError,
     SecPCSettings,
-    SecureDistances,
-    adaptive_kmeans,
     adjusted_rand_index,
     cluster,
     plain_distances,
     project,
     quantize,
 )
+from pfpl.secure.secpc_protocol import InMemorySecPC, SecPCServer
 
 
 def test_the_rns_primes_are_primes_and_crt_round_trips_signed_integers():
@@ -94,11 +94,15 @@ def test_secure_distances_equal_the_plaintext_integers():
     feats, _ = _planted()
     s = SecPCSettings(slices=2, privacy=1)
     x = quantize(project(feats, s.projection_dim, s.seed), s.frac_bits)
-    oracle = SecureDistances(x, s, absent_workers={0, 5, 7})  # three workers never answer
+    transport = InMemorySecPC(feats, s, absent_workers={0, 5, 7})  # three workers never answer
+    server = SecPCServer(len(x), s)
+    for phase in (server._keys, server._share, server._hold):
+        phase(transport.deliver)
     assignment = np.arange(len(x)) % 3
-    d_sec, e_sec = oracle(assignment)
+    d_sec, e_sec = server.distances(transport.deliver, assignment)
     d, e = plain_distances(x, assignment)
     assert (d_sec == d).all() and (e_sec == e).all()
+    assert server.stats.answering == tuple(c for c in range(len(x)) if c not in {0, 5, 7})
 
 
 def test_secure_clustering_returns_the_plaintext_assignment():
@@ -121,14 +125,11 @@ def test_the_adaptive_rule_finds_the_planted_number_of_clusters(groups):
 
 
 def test_too_many_absent_workers_fail_the_clustering_cleanly():
-    from pfpl.secure.secpc import ClusteringError
-
     feats, _ = _planted(per=2)
     s = SecPCSettings(slices=2, privacy=1)
-    x = quantize(project(feats, s.projection_dim, s.seed), s.frac_bits)
-    oracle = SecureDistances(x, s, absent_workers=set(range(len(x) - 4)))  # 4 < 2·(2+1−1)+1 = 5 answer
-    with pytest.raises(ClusteringError, match="recovery threshold"):
-        adaptive_kmeans(len(x), oracle, s, 2.0 ** (2 * s.frac_bits))
+    with pytest.raises(ClusteringError, match="recovery threshold") as err:  # 4 < 2·(2+1−1)+1 = 5 answer
+        cluster(feats, s, secure=True, absent_workers=set(range(len(feats) - 4)))
+    assert "\n" not in str(err.value)
 
 
 def test_adjusted_rand_index_against_a_hand_computed_value():

@@ -186,6 +186,11 @@ class Method(ABC):
         """What else a client sends besides its shared parameters (nothing, unless a method says so)."""
         return {}
 
+    def client_handlers(self) -> dict:
+        """The client side of this method's server phases: request kind -> ``handler(host, client,
+        request) -> reply``, answered from the client's own state on whichever party hosts it."""
+        return {}
+
     def server_phases(self) -> list:
         """Work the server does between rounds (SecFPP's clustering); see
         :class:`pfpl.federation.simulator.ServerPhase`."""

@@ -118,15 +118,15 @@ class ServerFineTune:
 
     method: FedSP
 
-    def __call__(self, sim, round_index: int) -> None:
+    def __call__(self, engine, round_index: int) -> None:
         m = self.method
         features, labels = m.server_data
-        prompt = sim.server.shared["prompt"]
+        prompt = engine.server.shared["prompt"]
         device = m.full_tower.backbone.device
         for g in range(prompt.shape[0]):
             ctx = prompt[g].detach().clone().to(device).requires_grad_(True)
             opt = torch.optim.SGD([ctx], lr=m.server_lr, momentum=0.9)
-            gen = stream(sim.s.seed, Purpose.BATCH_ORDER, round_index, g, SERVER, 1)
+            gen = stream(engine.settings.seed, Purpose.BATCH_ORDER, round_index, g, SERVER, 1)
             for _ in range(m.server_steps):
                 idx = torch.randint(len(labels), (min(m.server_batch, len(labels)),), generator=gen)
                 text = m.full_tower(ctx[None, None])[0]

@@ -26,13 +26,15 @@ clustering: one global domain prompt) are the ablations.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from pfpl.algorithms.base import Method, Param, Scope, Views, leaf, normal
+from pfpl.errors import ProtocolError
 from pfpl.secure.secpc import SecPCSettings, cluster
+from pfpl.secure.secpc_protocol import SecPCClient, run_secpc
 
 
 class SecFPP(Method):
@@ -88,16 +90,19 @@ class SecFPP(Method):
             leaves = {"domain": domain, "class": raw}
         return Views(leaves, domain[:, None] + cls)
 
-    def cluster_features(self, local: dict[str, torch.Tensor], data=None) -> np.ndarray:
-        """Each client's vector for SecPC, computed from its own state: its mean image feature, or its
-        personalized prompt (the mean class-level prompt over the classes it holds)."""
+    def cluster_row(self, local: dict[str, torch.Tensor], data, row: int, client: int) -> np.ndarray:
+        """Client ``client``'s vector for SecPC, computed from its own state (``local``: the hosted rows,
+        its at ``row``): its mean image feature, or its personalized prompt (the mean class-level prompt
+        over the classes it holds)."""
         if self.cluster_on == "images":
-            return np.stack([data.features[ix.to(data.device)].mean(0).double().cpu().numpy() for ix in data.clients])
+            ix = data.clients[client].to(data.device)
+            return data.features[ix].mean(0).double().cpu().numpy()
         with torch.no_grad():
-            cls = self.class_level(local)
-            held = local["held"].clamp(min=0)
+            mine = {k: v[row : row + 1] for k, v in local.items()}
+            cls = self.class_level(mine)
+            held = mine["held"].clamp(min=0)
             mean = cls.sum(1) / held.sum(1).clamp(min=1)[:, None, None]
-        return mean.flatten(1).double().cpu().numpy()
+        return mean.flatten(1)[0].double().cpu().numpy()
 
     def public_facts(self) -> tuple[str, ...]:
         if self.covers_all_classes:
@@ -110,6 +115,9 @@ class SecFPP(Method):
         if self.secure_clustering is None:
             return []
         return [SecPCPhase(self, secure=self.secure_clustering, every=self.every, settings=self.secpc)]
+
+    def client_handlers(self) -> dict:
+        return {} if self.secure_clustering is None else {SECPC: answer_secpc}
 
 
 class SecFPPPlain(SecFPP):
@@ -126,9 +134,44 @@ class SecFPPGlobal(SecFPP):
     secure_clustering = None
 
 
+SECPC = "secpc"  # the kind of a clustering's requests to the clients (Transport.ask)
+
+
+def round_settings(settings: SecPCSettings, round_index: int) -> SecPCSettings:
+    """The clustering of round ``round_index``: fresh public random starts (both sides derive it)."""
+    return replace(settings, seed=settings.seed + round_index)
+
+
+def answer_secpc(host, client: int, request: dict) -> dict:
+    """A client's side of a clustering, on whichever party hosts it: ``plain`` sends its vector (the
+    ablation, in the clear); ``keys`` starts its SecPC state machine on its own vector (what it keeps
+    lives with its host until the next clustering), the later phases continue it."""
+    method: SecFPP = host.method
+    request = dict(request)
+    phase, round_index = request.pop("phase", None), request.pop("round", None)
+    if not isinstance(phase, str) or not isinstance(round_index, int) or isinstance(round_index, bool):
+        raise ProtocolError("a clustering request names its phase (a string) and round (an integer)")
+    mine = host.phase_state.setdefault(SECPC, {})
+    if phase in ("plain", "keys"):
+        row = method.cluster_row(host.params, host.data, host.position[client], client)
+        if phase == "plain":
+            if method.secure_clustering:
+                raise ProtocolError("this method clusters securely: its clients send no vector in the clear")
+            return {"row": row}
+        settings = round_settings(method.secpc, round_index)
+        mine[client] = SecPCClient(client, row, settings, host.data.n_clients)
+    if client not in mine:
+        raise ProtocolError(f"client {client} has no clustering in progress (keys first)")
+    return mine[client].handle(phase, request)
+
+
 @dataclass
 class SecPCPhase:
-    """The server phase: cluster the clients every ``every`` rounds and regroup them."""
+    """The server phase: cluster the clients every ``every`` rounds and regroup them. Each client's
+    vector stays with it: SecPC's rounds are requests to the clients through the transport
+    (``engine.ask``), in the simulator as over Flower; ``secpc-plain`` asks for the vectors in the
+    clear. Clients the clustering could not include (they dropped, or were removed for a bad share)
+    keep their group."""
 
     method: SecFPP
     secure: bool
@@ -136,21 +179,42 @@ class SecPCPhase:
     settings: SecPCSettings
     log: list[dict] = field(default_factory=list)  # one record per clustering
 
-    def __call__(self, sim, round_index: int) -> None:
+    def __call__(self, engine, round_index: int) -> None:
         if round_index % self.every:  # after the first round, then every ``every`` rounds
             return
         start = time.perf_counter()
-        features = self.method.cluster_features(sim.local, sim.data)
-        settings = SecPCSettings(**{**self.settings.__dict__, "seed": self.settings.seed + round_index})
-        result, oracle = cluster(features, settings, secure=self.secure)
-        sim.server.regroup(torch.as_tensor(result.assignment), sim.sizes)
+        settings = round_settings(self.settings, round_index)
+        server = engine.server
+        everyone = list(range(server.n_clients))
+        ask = lambda phase, requests: engine.ask(
+            SECPC, {c: {"phase": phase, "round": round_index, **r} for c, r in requests.items()}
+        )
+        if self.secure:
+            result, stats = run_secpc(everyone, settings, ask)
+            owners = [int(c) for c in result.clients]
+        else:
+            rows = {c: r["row"] for c, r in ask("plain", {c: {} for c in everyone}).items() if _vector(r)}
+            owners = sorted(rows)
+            result, stats = cluster(np.stack([rows[c] for c in owners]), settings, secure=False)
+        groups = server.groups.detach().cpu().clone()
+        k = int(result.assignment.max()) + 1
+        left = [c for c in everyone if c not in set(owners)]
+        groups[left] = groups[left] + k  # the others keep their groups (renumbered after the new ones)
+        groups[owners] = torch.as_tensor(result.assignment, dtype=groups.dtype)
+        server.regroup(torch.unique(groups, return_inverse=True)[1], torch.as_tensor(engine.sizes, dtype=torch.float))
         self.log.append(
             {
                 "round": round_index + 1,
-                "clusters": int(result.assignment.max()) + 1,
+                "clusters": k,
                 "iterations": result.iterations,
                 "seconds": round(time.perf_counter() - start, 3),
                 "assignment": result.assignment.tolist(),
-                "bytes_per_client": None if oracle is None else oracle.bytes_per_client,
+                "clients": owners,
+                "bytes_per_client": None if stats is None else stats.bytes_per_client,
             }
         )
+
+
+def _vector(reply: dict) -> bool:
+    row = reply.get("row")
+    return isinstance(row, np.ndarray) and row.ndim == 1 and row.dtype.kind == "f" and bool(np.isfinite(row).all())

@@ -26,7 +26,7 @@ fine-tune a private copy of the released global prompt with the learning rate sc
 client's aggregation weight n_i / Σn, a first-order model of that client's share of the global
 update (documented as an approximation). All shadows of all audited clients of one method are the
 clients of one vectorized :class:`~pfpl.federation.simulator.Simulator`, built by the run's own
-engine factory (:func:`~pfpl.federation.runner.build_engine`) with the run's DP config.
+engine factory (:func:`~pfpl.federation.wiring.build_engine`) with the run's DP config.
 """
 
 from __future__ import annotations
@@ -299,7 +299,8 @@ def audit_run(
     finished run; writes ``audit.json`` and ``audit.png`` into the run folder."""
     from pfpl.data.features import image_features
     from pfpl.federation.client import steps_per_round
-    from pfpl.federation.runner import Benchmark, method_settings, train_settings
+    from pfpl.federation.context import Benchmark
+    from pfpl.federation.wiring import method_settings, train_settings
 
     run_dir = Path(run_dir)
     cfg, summary = load_run(run_dir)

@@ -99,7 +99,7 @@ def shadow_simulator(
     prompt of their target's group (``groups``: one row of ``training.released`` per shadow);
     returns it with its privacy plan. Server phases (re-clustering, server fine-tuning) do not run:
     the shadows only repeat the target client's own training."""
-    from pfpl.federation.runner import build_engine
+    from pfpl.federation.wiring import build_engine
 
     base = get_method(training.method)(training.method_settings)
     lr = training.engine.lr

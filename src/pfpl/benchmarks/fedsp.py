@@ -46,7 +46,7 @@ def _client_seconds(sim, rounds: int) -> tuple[float, float]:
 def run_fedsp_bench(rounds: int = 3, log: Callable[[str], None] | None = None, overrides: tuple[str, ...] = ()) -> dict:
     """``overrides``: config ``key=value`` settings after the benchmark's own (tests make it tiny)."""
     from pfpl.config import load_config
-    from pfpl.federation.runner import Benchmark
+    from pfpl.federation.context import Benchmark
 
     say = log or (lambda message: None)
     cfg = load_config(None, [*SETTINGS, "train.methods=['fedsp-nokd', 'promptfl']", *overrides])

@@ -75,7 +75,7 @@ def measure(
     from pfpl.data.clients import ClientData
     from pfpl.data.features import image_features
     from pfpl.federation.client import TrainSettings
-    from pfpl.federation.runner import build_engine
+    from pfpl.federation.wiring import build_engine
 
     cfg = load_config(None, list(overrides))
     backbone = load_backbone(cfg.backbone.name, None, device, str(cfg.cache_dir))

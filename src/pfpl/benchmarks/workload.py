@@ -28,8 +28,8 @@ from pfpl.data.clients import ClientData, ImageClientData
 from pfpl.data.features import Features
 from pfpl.errors import BenchError
 from pfpl.federation.client import TrainSettings
-from pfpl.federation.runner import build_engine
 from pfpl.federation.simulator import Simulator
+from pfpl.federation.wiring import build_engine
 
 _ADJECTIVES = [
     "red",

@@ -1,9 +1,9 @@
 """``pfpl flower``: runs on a Flower federation.
 
-``pfpl flower run`` starts a SuperLink and N SuperNodes on loopback, runs the federation (the same
-methods, privacy and aggregation as ``pfpl run``), writes the same run folder and stops every
-process it started. ``pfpl flower job`` writes the job file a deployment's ``flwr run`` takes
-(README, "Beyond one machine").
+``pfpl flower run`` starts a SuperLink and N SuperNodes on loopback (``--tls``: with TLS and SuperNode
+authentication), runs the federation (the same methods, privacy and aggregation as ``pfpl run``),
+writes the same run folder and stops every process it started. ``pfpl flower job`` writes the job
+file a deployment's ``flwr run`` takes (README, "Beyond one machine").
 """
 
 from __future__ import annotations
@@ -29,6 +29,16 @@ def add_parser(sub) -> None:
     r.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a killed Flower run from its checkpoint")
     r.add_argument("--overwrite", action="store_true", help="with --out: clear a non-empty run folder first")
     r.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one exchange's replies")
+    r.add_argument(
+        "--tls",
+        action="store_true",
+        help="TLS with a CA and certificates made for the run, and SuperNode authentication (registered keys)",
+    )
+    r.add_argument(
+        "--plain-supernodes",
+        action="store_true",
+        help="plain flower-supernode with Flower's default waits (what a deployment pays), not pfpl's loopback ones",
+    )
     r.set_defaults(func=command_run)
     j = commands.add_parser("job", help="write the job file for `flwr run` on a deployment's SuperLink")
     add_config_args(j)
@@ -94,7 +104,9 @@ def command_run(args: argparse.Namespace) -> int:
     from pfpl.federation.flower.launch import LocalFederation
 
     try:
-        with LocalFederation(args.supernodes, cfg.cache_dir) as federation:
+        with LocalFederation(
+            args.supernodes, cfg.cache_dir, tls=args.tls, fast=not args.plain_supernodes
+        ) as federation:
             summary = federation.run(job)
     except KeyboardInterrupt:
         raise DeploymentError(f"interrupted; every Flower process was stopped; continue with --resume {out}") from None

@@ -66,7 +66,7 @@ def certificate(summary: dict, method: str, client: int, audit: dict | None) -> 
 
 def export_prompt(run_dir: Path | str, method: str, client: int) -> PromptArtifact:
     """Client ``client``'s released prompt of ``method`` in the run at ``run_dir``."""
-    from pfpl.algorithms import AUXILIARY_METHODS
+    from pfpl.algorithms import spec
     from pfpl.config import build_config
     from pfpl.data import build_dataset
 
@@ -79,7 +79,7 @@ def export_prompt(run_dir: Path | str, method: str, client: int) -> PromptArtifa
     trained = sorted(summary["methods"])
     if method not in trained:
         raise ArtifactError(f"run {run_dir} has no method {method!r}; it trained: {', '.join(trained)}")
-    if method in AUXILIARY_METHODS:
+    if spec(method).auxiliary:
         raise ArtifactError(
             f"{method}'s prompt is trained for its auxiliary model, not the backbone; exporting it is not supported"
         )

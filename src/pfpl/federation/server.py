@@ -8,8 +8,7 @@ import torch
 
 from pfpl.algorithms.base import Method
 from pfpl.federation.client import TrainSettings, sgd_step
-from pfpl.messages import Aggregator, Contributions, Upload, WeightedMean, group_sum
-from pfpl.secure.protocol import PHASES
+from pfpl.messages import PHASES, Aggregator, Contributions, Upload, WeightedMean, group_sum
 from pfpl.streams import SERVER, Purpose, Streams, stream
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from pfpl.artifacts import RunFolder, atomic_write_bytes, atomic_write_text, figure_bytes, write_json
 from pfpl.config import Config, build_config, default_methods_for_privacy
 from pfpl.errors import ConfigError
-from pfpl.federation.runner import private_sgd, resume, run
+from pfpl.federation.runner import resume, run
+from pfpl.federation.wiring import private_sgd
 from pfpl.privacy.modes import mode_of
 from pfpl.privacy.rules import validate_dp
 

@@ -4,7 +4,7 @@ config in a fraction of a second."""
 
 from __future__ import annotations
 
-from pfpl.algorithms import CLUSTERING_METHODS
+from pfpl.algorithms import spec
 from pfpl.config import DPConfig, FederationConfig
 from pfpl.errors import PrivacyConfigError
 from pfpl.privacy.modes import DP_MODES, REFERENCE_METHODS, is_private, mode_of
@@ -21,7 +21,7 @@ def validate_dp(
     """One clear error for every combination pfpl cannot run or cannot account for, before any training.
     ``cluster_on``: what SecFPP's clustering reads (``secfpp.cluster_on``)."""
     kind = mode_of(dp)
-    clustering = [m for m in methods if m in CLUSTERING_METHODS]
+    clustering = [m for m in methods if spec(m).clusters]
     if is_private(dp) and clustering and cluster_on == "images":
         raise PrivacyConfigError(
             f"{clustering[0]} clusters clients on their raw mean image features, which no DP mechanism covers, "

@@ -34,7 +34,7 @@ from pfpl.privacy import skellam
 from pfpl.secure import params
 from pfpl.secure.encoding import FixedPoint
 from pfpl.secure.graph import neighbours
-from pfpl.secure.protocol import SecureAggregationError, run_in_memory
+from pfpl.secure.protocol import InMemoryClients, SecAggServer, SecureAggregationError, run_instances
 from pfpl.streams import Draws, Purpose, Streams, stream
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,9 @@ class SecureAggregator:
     clients: Streams | None = None
     # every instance that could not complete (too many dropouts): its group's aggregate was skipped
     failures: list[dict] = field(default_factory=list)
+    # what carries the instances' messages to the clients (None: they run in this process); a
+    # transport's carrier has ``deliver_for(contributions, plans) -> deliver(phase, inbox)``
+    carrier: object | None = None
 
     # ---- the Aggregator protocol -----------------------------------------------------------------
     def coefficients(self, c: Contributions) -> torch.Tensor:
@@ -173,14 +176,48 @@ class SecureAggregator:
         return (2.0**self.settings.noise_bits) ** 2 / 2  # variance 2λ = (scale·std)²
 
     def __call__(self, c: Contributions, draws: Draws) -> torch.Tensor:
+        """Every group's aggregate, one protocol instance per group, all run together through the
+        carrier (:meth:`session`): in memory here, or as messages (a transport's ``carrier``)."""
         shape = c.values.shape[1:]
         out = torch.zeros(c.n_groups, *shape, dtype=c.values.dtype, device=c.values.device)
-        values = c.values.flatten(1).detach().to("cpu", torch.float64).numpy()
+        for g, value in self.session(c, draws).items():
+            out[g] = value.reshape(shape).to(out)
+        return out
+
+    def session(self, c: Contributions, draws: Draws) -> dict[int, torch.Tensor]:
+        """The aggregate of every group that released one: its instance planned here, its clients'
+        vectors encoded and masked by the clients (the carrier's side), its sum decoded here; a group
+        nobody joined gets :meth:`empty`, an instance that cannot complete is recorded and skipped."""
+        dim = math.prod(c.values.shape[1:])
+        out: dict[int, torch.Tensor] = {}
+        plans: dict[int, GroupPlan] = {}
         for g in range(c.n_groups):
-            try:
-                out[g] = self._group(c, g, values, draws).reshape(shape).to(out)
-            except SecureAggregationError as err:
-                self.record_failure(c, g, err)
+            plan = self.plan_group(c, g)
+            if plan is None:
+                out[g] = self.empty(c, g, dim, draws)
+            elif self.settings.colluders is not None and plan.threshold <= self.settings.colluders:
+                self.record_failure(
+                    c,
+                    g,
+                    SecureAggregationError(
+                        f"an instance of {len(plan.everyone)} clients has threshold {plan.threshold}, not above "
+                        f"secure.colluders = {self.settings.colluders}: it could not protect its clients against them"
+                    ),
+                )
+            else:
+                plans[g] = plan
+        servers = {
+            g: SecAggServer(plan.everyone, plan.graph, plan.threshold, self.vector_length(dim), self.settings.ring_bits)
+            for g, plan in plans.items()
+        }
+        carrier = self.carrier or InMemoryCarrier(self)
+        totals, failed = run_instances(servers, carrier.deliver_for(c, plans))
+        for g, err in failed.items():
+            self.record_failure(c, g, err)
+        for g, total in totals.items():
+            if servers[g].rejected:
+                log.warning("secure aggregation: %d client(s) rejected this exchange", len(servers[g].rejected))
+            out[g] = self.decode(total, c, g, dim)
         return out
 
     # ---- one group: planned by the server, encoded by each client, decoded by the server -----------
@@ -286,28 +323,6 @@ class SecureAggregator:
             return torch.from_numpy(summed / max(float(total[dim]), 1e-12))
         return torch.from_numpy(summed / float(self._denominator(c)[g]))
 
-    def _group(self, c: Contributions, g: int, values: np.ndarray, draws: Draws) -> torch.Tensor:
-        dim = values.shape[1]
-        plan = self.plan_group(c, g)
-        if plan is None:
-            return self.empty(c, g, dim, draws)
-        n = len(plan.everyone)
-        if self.settings.colluders is not None and plan.threshold <= self.settings.colluders:
-            raise SecureAggregationError(
-                f"an instance of {n} clients has threshold {plan.threshold}, not above secure.colluders = "
-                f"{self.settings.colluders}: it could not protect its clients against them"
-            )
-        vectors = {
-            client: self.encode(values[i], float(c.sizes[i]), client, n, plan.threshold, c.round, c.step, c.index)
-            for i, client in zip(plan.rows, plan.ids)
-        }
-        for client in plan.lost:  # they take part until they drop; their vector is never used
-            vectors[client] = np.zeros(self.vector_length(dim), dtype=np.uint64)
-        transcript = run_in_memory(vectors, plan.threshold, plan.graph, self.settings.ring_bits, plan.drops)
-        if transcript.rejected:
-            log.warning("secure aggregation: %d client(s) rejected this exchange", len(transcript.rejected))
-        return self.decode(transcript.total, c, g, dim)
-
     def empty(self, c: Contributions, g: int, dim: int, draws: Draws) -> torch.Tensor:
         """Nobody took part in group g: nothing is summed; with client-level DP the server must still
         release noise (it adds the full amount itself from its own draws: there is nobody to protect
@@ -316,3 +331,28 @@ class SecureAggregator:
             noise = skellam.sample(self.lam_total(), (dim,), draws).to(torch.float64) / self.scale()
             return noise / float(self._denominator(c)[g])
         return torch.zeros(dim, dtype=torch.float64)
+
+
+class InMemoryCarrier:
+    """The clients' side of an aggregator's instances, in this process: each client encodes its own
+    vector (clipping, weighting, fixed point, its distributed-noise share from its own streams),
+    clients that drop before their masked input take part until they drop (with a vector never
+    used), and every message passes as a network transport would carry it."""
+
+    def __init__(self, aggregator: SecureAggregator):
+        self.a = aggregator
+
+    def deliver_for(self, c: Contributions, plans: dict[int, GroupPlan]):
+        a = self.a
+        values = c.values.flatten(1).detach().to("cpu", torch.float64).numpy()
+        vectors, drops = {}, {}
+        for g, plan in plans.items():
+            n = len(plan.everyone)
+            vectors[g] = {
+                client: a.encode(values[i], float(c.sizes[i]), client, n, plan.threshold, c.round, c.step, c.index)
+                for i, client in zip(plan.rows, plan.ids)
+            }
+            for client in plan.lost:  # they take part until they drop; their vector is never used
+                vectors[g][client] = np.zeros(a.vector_length(values.shape[1]), dtype=np.uint64)
+            drops[g] = plan.drops
+        return InMemoryClients(vectors, drops).deliver

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pfpl.errors import ConfigError, PfplError, ProtocolError
+from pfpl.messages import PHASES
 from pfpl.secure import primitives as P
 from pfpl.secure import shamir
 
@@ -688,8 +689,6 @@ class SecAggServer:
 
 
 # ---- an in-memory transport ------------------------------------------------------------------
-#: the phases a client can drop out before: 1 advertise keys, 2 share keys, 3 masked input, 4 unmasking
-PHASES = ("advertise", "share", "masked", "unmask")
 
 
 @dataclass
@@ -717,6 +716,89 @@ def _size(msg) -> int:
     return n
 
 
+#: the server's step on each phase's answers (the phase sequence every transport runs: :func:`run_instances`)
+COLLECT = {
+    "advertise": "collect_keys",
+    "share": "collect_shares",
+    "masked": "collect_masked",
+    "unmask": "collect_unmask",
+}
+
+Deliver = Callable[[str, dict], dict]
+
+
+def run_instances(servers: dict, deliver: Deliver, timed: Callable | None = None) -> tuple[dict, dict]:
+    """Run protocol instances together, one phase at a time — the sequence written once, whatever
+    carries the messages. ``deliver(phase, inbox)`` takes each instance's messages to its clients
+    (``{key: {client: message}}``) and returns their answers (``{key: [answer, …]}``): in memory
+    (:func:`run_in_memory`, the simulator's aggregator) or as Message round trips (Flower). An
+    instance whose server step raises :class:`SecureAggregationError` stops there; the others go on.
+    Returns ``({key: decoded sum}, {key: the error that stopped it})``."""
+    step = timed or (lambda fn, *args: fn(*args))
+    inbox = {key: step(server.setup) for key, server in servers.items()}
+    failed: dict = {}
+    for phase, collect in COLLECT.items():
+        answers = deliver(phase, inbox)
+        next_inbox = {}
+        for key in inbox:
+            try:
+                next_inbox[key] = step(getattr(servers[key], collect), answers.get(key, []))
+            except SecureAggregationError as err:
+                failed[key] = err
+        inbox = next_inbox
+    return inbox, failed
+
+
+class InMemoryClients:
+    """The clients of in-process protocol instances: ``deliver`` runs each client's step on its
+    message, as a network transport would carry it. ``drops``: per instance, a client and the phase it
+    disappears before (a name in :data:`PHASES`); a client that refuses a phase (a
+    :class:`~pfpl.errors.PfplError`) is logged and leaves the instance, as a Flower node leaves it out
+    of its reply; ``meddle(phase, messages) -> messages`` may alter what reaches the server (tests)."""
+
+    STEPS = {
+        "advertise": "setup",
+        "share": "share_keys",
+        "masked": "masked_input",
+        "unmask": "unmask",
+    }
+
+    def __init__(self, vectors: dict, drops: dict | None = None, meddle=None):
+        self.clients = {key: {c: SecAggClient(c, v) for c, v in vs.items()} for key, vs in vectors.items()}
+        self.drops = drops or {}
+        self.meddle = meddle
+        self.sent = {key: {c: 0 for c in cs} for key, cs in self.clients.items()}
+        self.busy = {key: {c: 0.0 for c in cs} for key, cs in self.clients.items()}
+        self.aborted: dict = {key: {} for key in self.clients}
+
+    def _alive(self, key, phase: str) -> list[int]:
+        order, drops = PHASES.index(phase), self.drops.get(key, {})
+        return [
+            c
+            for c in sorted(self.clients[key])
+            if c not in self.aborted[key] and (c not in drops or PHASES.index(drops[c]) > order)
+        ]
+
+    def deliver(self, phase: str, inbox: dict) -> dict:
+        out = {}
+        for key, messages in inbox.items():
+            answers = []
+            for c in self._alive(key, phase):
+                if c not in messages:
+                    continue
+                start = time.perf_counter()
+                try:
+                    answers.append(getattr(self.clients[key][c], self.STEPS[phase])(messages[c]))
+                except PfplError as err:
+                    log.warning("secure aggregation: client %d left at %s: %s", c, phase, err)
+                    self.aborted[key][c] = str(err)
+                self.busy[key][c] += time.perf_counter() - start
+            for m in answers:
+                self.sent[key][m.sender] += _size(m)
+            out[key] = self.meddle(phase, answers) if self.meddle else answers
+        return out
+
+
 def run_in_memory(
     vectors: dict[int, np.ndarray],
     threshold: int,
@@ -725,48 +807,29 @@ def run_in_memory(
     drops: dict[int, str] | None = None,
     meddle=None,
 ) -> Transcript:
-    """Run one protocol instance between in-process clients and a server, passing each message as a
-    network transport would. ``drops`` maps a client to the phase it disappears before (a name in
-    :data:`PHASES`); ``meddle(phase, messages) -> messages`` may alter what reaches the server (tests).
-    A client that refuses a phase (a :class:`~pfpl.errors.PfplError`) is logged and leaves the
-    instance, as a Flower node leaves it out of its reply."""
-    drops = drops or {}
-    clients = {c: SecAggClient(c, v) for c, v in vectors.items()}
+    """Run one protocol instance between in-process clients and a server (:class:`InMemoryClients`
+    through :func:`run_instances`); fewer than t answers where t are needed raise one
+    :class:`SecureAggregationError`."""
     length = len(next(iter(vectors.values())))
-    server = SecAggServer(sorted(clients), neighbours, threshold, length, ring_bits)
-    sent = {c: 0 for c in clients}
-    busy = {c: 0.0 for c in clients}
-    aborted: dict[int, str] = {}
+    server = SecAggServer(sorted(vectors), neighbours, threshold, length, ring_bits)
+    clients = InMemoryClients({0: vectors}, {0: drops or {}}, meddle)
     server_time = [0.0]
 
-    def alive(phase: str) -> list[int]:
-        order = PHASES.index(phase)
-        return [c for c in sorted(clients) if c not in aborted and (c not in drops or PHASES.index(drops[c]) > order)]
-
-    def on_clients(phase: str, step, inbox: dict) -> list:
-        msgs = []
-        for c in alive(phase):
-            if c in inbox:
-                start = time.perf_counter()
-                try:
-                    msgs.append(step(clients[c], inbox[c]))
-                except PfplError as err:
-                    log.warning("secure aggregation: client %d left at %s: %s", c, phase, err)
-                    aborted[c] = str(err)
-                busy[c] += time.perf_counter() - start
-        for m in msgs:
-            sent[m.sender] += _size(m)
-        return meddle(phase, msgs) if meddle else msgs
-
-    def on_server(fn, *args):
+    def timed(fn, *args):
         start = time.perf_counter()
         out = fn(*args)
         server_time[0] += time.perf_counter() - start
         return out
 
-    setups = on_server(server.setup)
-    keys = on_server(server.collect_keys, on_clients("advertise", SecAggClient.setup, setups))
-    routed = on_server(server.collect_shares, on_clients("share", SecAggClient.share_keys, keys))
-    requests = on_server(server.collect_masked, on_clients("masked", SecAggClient.masked_input, routed))
-    total = on_server(server.collect_unmask, on_clients("unmask", SecAggClient.unmask, requests))
-    return Transcript(total, tuple(sorted(server.u3)), dict(server.rejected), sent, busy, server_time[0], dict(aborted))
+    totals, failed = run_instances({0: server}, clients.deliver, timed)
+    if 0 in failed:
+        raise failed[0]
+    return Transcript(
+        totals[0],
+        tuple(sorted(server.u3)),
+        dict(server.rejected),
+        clients.sent[0],
+        clients.busy[0],
+        server_time[0],
+        dict(clients.aborted[0]),
+    )

@@ -6,7 +6,10 @@ it in fixed point (integers). The N × d matrix X of all clients' rows is split 
 columns into K slices; every client Lagrange-codes *its own row* of every slice with T fresh random
 masks (:mod:`pfpl.secure.lcc`) and sends each worker its coded row — the workers (the clients
 themselves) then hold a coded copy of the whole matrix, of which any T reveal nothing. The data
-is shared once per clustering; each k-means iteration only broadcasts the public assignment.
+is shared once per clustering; each k-means iteration only broadcasts the public assignment. The
+clients and the server are separate state machines exchanging messages
+(:mod:`pfpl.secure.secpc_protocol`); :func:`cluster` runs them in memory, a Flower driver carries the
+same messages.
 
 Per iteration, for the assignment A (cluster sizes n_m, sums S = A·X), every worker evaluates the
 degree-2 polynomial f_A on its share:
@@ -28,15 +31,19 @@ client to every centre and between centres — never a prompt or a centre.
 
 from __future__ import annotations
 
-import time
+import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pfpl.errors import PfplError
-from pfpl.secure.field import PRIMES, Field, from_residues, to_residues
-from pfpl.secure.lcc import LCC
+from pfpl.secure.field import Field
+
+if TYPE_CHECKING:
+    from pfpl.secure.secpc_protocol import SecPCStats
 
 Distances = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -61,12 +68,32 @@ class SecPCSettings:
 
 
 # ---- features ---------------------------------------------------------------------------------
-def project(features: np.ndarray, dim: int, seed: int) -> np.ndarray:
-    """The public, seeded Gaussian projection to ``dim`` coordinates, then each row normalised."""
+@lru_cache(maxsize=8)
+def _projection(features: int, dim: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5EC9C]))
-    matrix = rng.standard_normal((features.shape[1], dim)) / np.sqrt(dim)
-    out = features @ matrix
-    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    matrix = rng.standard_normal((features, dim)) / np.sqrt(dim)
+    matrix.flags.writeable = False
+    return matrix
+
+
+def project_row(row: np.ndarray, dim: int, seed: int) -> np.ndarray:
+    """One client's row through the public, seeded Gaussian projection to ``dim`` coordinates, then
+    normalised. Bit-for-bit the same on every machine and whether one row or a matrix is projected:
+    exact IEEE products summed in one fixed order (no BLAS, whose blocking depends on the shapes and
+    the CPU), and a correctly rounded norm (``math.fsum``)."""
+    row = np.asarray(row, dtype=np.float64)
+    if row.ndim != 1:
+        raise ValueError(f"a client's row is 1-D, not of shape {row.shape}")
+    out = np.add.reduce(row[:, None] * _projection(len(row), dim, seed), axis=0)  # sequential over the rows
+    norm = math.sqrt(math.fsum(float(v) * float(v) for v in out))
+    return out / max(norm, 1e-12)
+
+
+def project(features: np.ndarray, dim: int, seed: int) -> np.ndarray:
+    """Every row of ``features`` ``[N, F]`` through :func:`project_row` (so the matrix's rows are the
+    clients' own projections exactly)."""
+    features = np.asarray(features, dtype=np.float64)
+    return np.stack([project_row(r, dim, seed) for r in features]) if len(features) else np.zeros((0, dim))
 
 
 def quantize(x: np.ndarray, frac_bits: int) -> np.ndarray:
@@ -112,64 +139,6 @@ def _worker(field: Field, share: np.ndarray, a: np.ndarray, n: np.ndarray) -> np
     return np.concatenate([d.ravel(), e.ravel()])
 
 
-@dataclass
-class SecureDistances:
-    """The secret-shared side of SecPC: shares X once, then answers distance queries by LCC.
-
-    ``x`` is the clients' quantized matrix (only used here to let each simulated client encode its
-    own row); ``absent_workers`` never return a result (they dropped out)."""
-
-    x: np.ndarray
-    settings: SecPCSettings
-    absent_workers: set[int] = field(default_factory=set)
-    bytes_per_client: float = 0.0
-    client_seconds: float = 0.0
-    server_seconds: float = 0.0
-    rounds: int = 0
-
-    def __post_init__(self):
-        n, d = self.x.shape
-        k = self.settings.slices
-        self.width = -(-d // k)
-        padded = np.zeros((n, k * self.width), dtype=np.int64)
-        padded[:, :d] = self.x
-        slices = padded.reshape(n, k, self.width).transpose(1, 0, 2)  # [K, N, w]
-        self.codes = [LCC(Field(p), k, self.settings.privacy, n) for p in PRIMES]
-        start = time.perf_counter()
-        # each client encodes its own row of every slice with its own masks; worker j's share is the
-        # stack of the rows it received: shares[prime][j] = [N, w]
-        self.shares = []
-        for code, residues in zip(self.codes, to_residues(slices)):
-            per_client = [code.encode(residues[:, i, :]) for i in range(n)]  # each [W, w]
-            self.shares.append(np.stack(per_client, axis=1))  # [W, N, w]
-        self.client_seconds += (time.perf_counter() - start) / n
-        self.bytes_per_client += n * self.width * 8 * len(PRIMES)
-
-    def __call__(self, assignment: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        n = len(assignment)
-        k = int(assignment.max()) + 1
-        a = _indicator(assignment, k)
-        sizes = a.sum(1)
-        decoded = []
-        worker_time = 0.0
-        for code, shares in zip(self.codes, self.shares):
-            start = time.perf_counter()
-            results = {j: _worker(code.field, shares[j], a, sizes) for j in range(n) if j not in self.absent_workers}
-            worker_time += time.perf_counter() - start
-            start = time.perf_counter()
-            try:
-                per_slice = code.decode(results, degree=2)  # [K, N·M + M·M]
-            except PfplError as exc:
-                raise ClusteringError(f"secure clustering: {exc}") from None
-            decoded.append(per_slice.sum(0) % code.field.p)
-            self.server_seconds += time.perf_counter() - start
-        self.client_seconds += worker_time / max(1, n - len(self.absent_workers))
-        self.bytes_per_client += (n * k + k * k) * 8 * len(PRIMES)
-        self.rounds += 1
-        flat = from_residues(decoded, PRIMES, signed=False)
-        return flat[: n * k].reshape(n, k), flat[n * k :].reshape(k, k)
-
-
 # ---- adaptive k-means ---------------------------------------------------------------------------
 @dataclass
 class Clustering:
@@ -177,6 +146,7 @@ class Clustering:
     iterations: int
     history: list[int]  # number of clusters after each iteration
     objective: float = 0.0  # within-cluster squared distances + split_threshold per cluster
+    clients: np.ndarray | None = None  # the client ids ``assignment`` is for (None: the rows given, in order)
 
 
 def _relabel(assignment: np.ndarray) -> np.ndarray:
@@ -261,14 +231,24 @@ def _adaptive_kmeans(n: int, distances: Distances, settings: SecPCSettings, scal
 
 def cluster(
     features: np.ndarray, settings: SecPCSettings, secure: bool = True, absent_workers: set[int] | None = None
-) -> tuple[Clustering, SecureDistances | None]:
-    """SecPC on clients' personalized-prompt features ``[N, F]`` (secure, or its plaintext reference)."""
-    x = quantize(project(features, settings.projection_dim, settings.seed), settings.frac_bits)
-    scale = 2.0 ** (2 * settings.frac_bits)
+) -> tuple[Clustering, SecPCStats | None]:
+    """SecPC on clients' vectors ``[N, F]`` (row i is client i's): the message protocol between N
+    in-process clients and the server (:func:`pfpl.secure.secpc_protocol.run_secpc_in_memory`, the code
+    a Flower driver runs too), or its plaintext reference (``secure=False``). ``absent_workers`` share
+    their rows, then never return a result (they dropped out). Returns the clustering and the run's
+    costs (``bytes_per_client``, ``client_seconds``, ``server_seconds``, ``rounds``; None in the clear)."""
     if not secure:
+        x = quantize(project(features, settings.projection_dim, settings.seed), settings.frac_bits)
+        scale = 2.0 ** (2 * settings.frac_bits)
         return adaptive_kmeans(len(x), lambda a: plain_distances(x, a), settings, scale), None
-    oracle = SecureDistances(x, settings, absent_workers or set())
-    return adaptive_kmeans(len(x), oracle, settings, scale), oracle
+    from pfpl.secure.secpc_protocol import run_secpc_in_memory
+
+    result, stats = run_secpc_in_memory(features, settings, absent_workers=absent_workers)
+    if len(stats.owners) != len(features):
+        lost = sorted(set(range(len(features))) - set(stats.owners))
+        raise ClusteringError(f"secure clustering: the rows of clients {lost} did not reach every worker")
+    result.clients = None
+    return result, stats
 
 
 def adjusted_rand_index(a: np.ndarray, b: np.ndarray) -> float:

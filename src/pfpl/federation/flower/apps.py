@@ -1,5 +1,6 @@
-"""The Flower apps: ``client_app`` (a SuperNode's :class:`~pfpl.federation.flower.node.Node`) and
-``server_app`` (:func:`pfpl.federation.runner.run` over :class:`~pfpl.federation.flower.driver.FlowerTraining`).
+"""The Flower apps: ``client_app`` (a SuperNode's :class:`~pfpl.federation.flower.node.Node`, through
+its warm worker) and ``server_app`` (:func:`pfpl.federation.runner.run` over
+:class:`~pfpl.federation.flower.driver.FlowerTraining`).
 The project's ``[tool.flwr.app.components]`` names them.
 
 The ServerApp reads its job from the JSON file named by the run config's ``job`` key: the pfpl config
@@ -8,7 +9,16 @@ The ServerApp reads its job from the JSON file named by the run config's ``job``
 outcome — the summary, or the one-line error — to the job's ``result`` file.
 
 A SuperNode's node config: ``partition-id`` and ``num-partitions`` (which clients it hosts),
-optionally ``cache-dir`` (its feature cache and its state snapshots, default the config's).
+optionally ``cache-dir`` (its feature cache and its state snapshots, default the config's), and the
+warm worker's settings (:mod:`pfpl.federation.flower.worker`: ``warm-worker``, ``worker-idle-s``,
+``worker-start-s``, ``worker-reply-s``).
+
+``client_app`` is what Flower runs for every message, in a fresh process: it forwards the message to
+the SuperNode's warm worker (:mod:`.worker`), which answers it with
+:data:`pfpl.federation.flower.handlers.node_app`, in a process that keeps pfpl imported and the node
+built. This module imports only the standard library, flwr, :mod:`pfpl.errors` and the worker's
+client side (the server side imports pfpl inside ``run_job``), so the per-message ClientApp process
+stays as cheap as Flower's own runtime.
 """
 
 from __future__ import annotations
@@ -18,92 +28,48 @@ import logging
 import traceback
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from pfpl.artifacts import atomic_write_text
-from pfpl.errors import DeploymentError, PfplError, ProtocolError
-from pfpl.federation.flower import records as R
+from pfpl.errors import DeploymentError, PfplError
+from pfpl.federation.flower import worker
 
 log = logging.getLogger(__name__)
 
-CONFIG_STATE = "pfpl/config"
-ERROR_CODE = 4242  # pfpl's refusals (a ProtocolError, a bad config) as Flower error replies
-
-client_app = ClientApp()
+client_app = ClientApp()  # what Flower runs: forwards to the node's warm worker (pfpl.federation.flower.handlers)
 server_app = ServerApp()
-_NODES: dict[tuple, object] = {}  # a process that serves several messages (tests, a warm worker) builds a node once
 
 
-# ---- the SuperNode side ---------------------------------------------------------------------------
-def _node(context: Context, config_json: str | None = None):
-    from pfpl.config import build_config
-    from pfpl.federation.flower.node import Node
-
-    if config_json is None:
-        if CONFIG_STATE not in context.state.config_records:
-            raise ProtocolError("this SuperNode has no pfpl config for the run (the server must say hello first)")
-        config_json = str(context.state.config_records[CONFIG_STATE]["json"])
-    data = json.loads(config_json)
-    cache = context.node_config.get("cache-dir")
-    if cache:
-        data["cache_dir"] = str(cache)
-    try:
-        partition_id = int(context.node_config["partition-id"])
-        partitions = int(context.node_config["num-partitions"])
-    except KeyError as err:
-        raise ProtocolError(f"the SuperNode's --node-config lacks {err.args[0]!r}") from None
-    key = (json.dumps(data, sort_keys=True), partition_id, partitions)
-    if key not in _NODES:
-        cfg = build_config(data)
-        while len(_NODES) >= 8:
-            _NODES.pop(next(iter(_NODES)))
-        _NODES[key] = Node(cfg, partition_id, partitions, Path(cfg.cache_dir) / "flower-state")
-    return _NODES[key], partitions
-
-
-def _answer(msg: Message, context: Context, work) -> Message:
-    try:
-        return Message(work(), reply_to=msg)
-    except PfplError as err:
-        log.warning("pfpl node: %s", err)
-        return Message(Error(code=ERROR_CODE, reason=str(err)), reply_to=msg)
-    except Exception as err:  # a bug: say what it was, keep the traceback in the node's log
-        log.error("pfpl node: %s", traceback.format_exc())
-        return Message(Error(code=ERROR_CODE + 1, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
-
-
+# ---- the thin ClientApp ---------------------------------------------------------------------------
 @client_app.query()
-def hello(msg: Message, context: Context) -> Message:
-    def work() -> RecordDict:
-        head = R.header(msg.content)
-        node, partitions = _node(context, str(head["config"]))
-        if partitions != int(head["num_partitions"]):
-            raise ProtocolError(
-                f"this SuperNode is one of {partitions} partitions, the server expects {int(head['num_partitions'])}"
-            )
-        context.state.config_records[CONFIG_STATE] = ConfigRecord({"json": str(head["config"])})
-        reply = RecordDict()
-        reply.config_records[R.PFPL] = ConfigRecord({"version": R.PROTOCOL_VERSION, **node.hello()})
-        return reply
-
-    return _answer(msg, context, work)
+def forward_query(msg: Message, context: Context) -> Message:
+    return worker.forward(msg, context)
 
 
 @client_app.train()
-def train(msg: Message, context: Context) -> Message:
-    return _answer(msg, context, lambda: _node(context)[0].train(msg.content, context.state))
+def forward_train(msg: Message, context: Context) -> Message:
+    return worker.forward(msg, context)
 
 
 @client_app.train("secagg")
-def secure_aggregation(msg: Message, context: Context) -> Message:
-    return _answer(msg, context, lambda: _node(context)[0].secure_aggregation(msg.content, context.state))
+def forward_secure_aggregation(msg: Message, context: Context) -> Message:
+    return worker.forward(msg, context)
+
+
+@client_app.query("phase")
+def forward_server_phase(msg: Message, context: Context) -> Message:
+    return worker.forward(msg, context)
+
+
+@client_app.query("model")
+def forward_model(msg: Message, context: Context) -> Message:
+    return worker.forward(msg, context)
 
 
 @client_app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    return _answer(msg, context, lambda: _node(context)[0].evaluate(msg.content, context.state))
+def forward_evaluate(msg: Message, context: Context) -> Message:
+    return worker.forward(msg, context)
 
 
 # ---- the SuperLink side ---------------------------------------------------------------------------
@@ -134,6 +100,8 @@ def run_job(grid: Grid, job: dict) -> dict:
 
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
+    from pfpl.artifacts import atomic_write_text
+
     job_file = Path(str(context.run_config["job"]))
     job = json.loads(job_file.read_text())
     result = Path(job["result"])

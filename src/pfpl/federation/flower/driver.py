@@ -26,27 +26,36 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common.constant import ErrorCode
 
-from pfpl.algorithms import get_method
+from pfpl.algorithms import get_method, spec
 from pfpl.artifacts import RunFolder
 from pfpl.config import Config
 from pfpl.errors import DeploymentError, ProtocolError
 from pfpl.evaluation.federated import client_scores, summarize
 from pfpl.federation.client import steps_per_round
+from pfpl.federation.context import Benchmark
 from pfpl.federation.flower import records as R
-from pfpl.federation.flower.node import flower_refusal, hosted_clients
-from pfpl.federation.runner import Benchmark, build_aggregator, method_settings, run_streams, train_settings
+from pfpl.federation.flower.node import flower_refusal, hosted_clients, model_digest
+from pfpl.federation.report import grouping, privacy_record
+from pfpl.federation.rounds import Rounds
 from pfpl.federation.server import Server
+from pfpl.federation.wiring import build_aggregator, method_settings, plan_for, run_streams, train_settings
 from pfpl.messages import Upload
 from pfpl.privacy.accounting import Accountant
 from pfpl.privacy.modes import is_private
-from pfpl.streams import SERVER, Purpose, Streams, stream
+from pfpl.streams import Purpose, stream
 
 log = logging.getLogger(__name__)
+
+POLL_MIN_S = 0.005  # Cluster.send: the first pause between pulls of replies; it grows 1.5× a pull ...
+POLL_MAX_S = 0.1  # ... up to this (a reply waits at most this long on the SuperLink)
+UNAVAILABLE = {ErrorCode.NODE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE}  # the SuperLink's, for a node
 
 
 @dataclass
@@ -104,25 +113,56 @@ class Cluster:
             self.hosted[node] = clients
         missing = sorted(set(range(self.cfg.federation.n_clients)) - set(self.node_of))
         if missing:
-            raise DeploymentError(f"no SuperNode hosts client(s) {missing} (check partition-id / num-partitions)")
+            why = "; ".join(f"SuperNode {r['node']}: {r['reason']}" for r in self.rejected if r["kind"] == "query")
+            raise DeploymentError(
+                f"no SuperNode hosts client(s) {missing} (check partition-id / num-partitions)"
+                + (f"; rejected: {why}" if why else "")
+            )
         log.info("flower: %d SuperNodes host %d clients", len(self.hosted), len(self.node_of))
 
     def send(self, kind: str, payloads: dict[int, RecordDict]) -> dict[int, RecordDict]:
-        """One round trip; the replies that arrived without error, by node (others are logged)."""
-        messages = [Message(content, dst_node_id=node, message_type=kind) for node, content in payloads.items()]
+        """One round trip; the replies that arrived without error, by node (others are logged).
+
+        The messages are pushed at once and their replies pulled as they arrive, polling the SuperLink
+        every few milliseconds at first and at most every ``POLL_MAX_S`` (Flower's own
+        ``send_and_receive`` sleeps 3 s between pulls)."""
+        nodes = list(payloads)
+        messages = [Message(payloads[node], dst_node_id=node, message_type=kind) for node in nodes]
+        pushed = list(self.grid.push_messages(messages))
+        pending: dict[str, int] = {}  # message id -> the node it went to
+        for i, node in enumerate(nodes):
+            mid = pushed[i] if i < len(pushed) else None  # None: Flower could not push that one
+            if mid:
+                pending[str(mid)] = node
+            else:
+                self._reject(node, kind, "the message could not be pushed to the SuperLink")
         replies: dict[int, RecordDict] = {}
-        failed = set()
-        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
-            node = reply.metadata.src_node_id
-            if node not in payloads or node in replies or node in failed:
-                log.warning("flower: ignored a %s reply of SuperNode %s: not asked for, or a second one", kind, node)
-                continue
-            if reply.has_error():
-                self._reject(node, kind, f"the node failed: {reply.error.reason}")
-                failed.add(node)
-                continue
-            replies[node] = reply.content
-        for node in payloads:
+        failed = set(nodes) - set(pending.values())
+        deadline = time.monotonic() + self.timeout
+        delay = POLL_MIN_S
+        while pending:
+            for reply in self.grid.pull_messages(list(pending)):
+                mid, src = str(reply.metadata.reply_to_message_id), reply.metadata.src_node_id
+                node = pending.get(mid)
+                if node is not None and reply.has_error() and reply.error.code in UNAVAILABLE:
+                    # the SuperLink answers for a node that stopped heart-beating, or a reply that expired
+                    self._reject(pending.pop(mid), kind, f"no reply: {reply.error.reason}")
+                    failed.add(node)
+                    continue
+                if node is None or src != node:
+                    log.warning("flower: ignored a %s reply of SuperNode %s: not asked for, or a second one", kind, src)
+                    continue
+                del pending[mid]
+                if reply.has_error():
+                    self._reject(node, kind, f"the node failed: {reply.error.reason}")
+                    failed.add(node)
+                    continue
+                replies[node] = reply.content
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(POLL_MAX_S, delay * 1.5)
+        for node in nodes:
             if node not in replies and node not in failed:
                 self._reject(node, kind, f"no reply within {self.timeout:.0f} s")
         return replies
@@ -136,6 +176,9 @@ class Cluster:
         for c in clients:
             out.setdefault(self.node_of[c], []).append(c)
         return out
+
+
+PHASE = "phase"  # a server phase's per-client records: phase/{client}
 
 
 def only_records(reply: RecordDict, configs: set[str], arrays: frozenset[str] = frozenset(), prefix: str = "") -> None:
@@ -165,25 +208,72 @@ class FlowerTraining:
         cfg = bench.cfg
         self.cluster, self.bench, self.name, self.cfg = cluster, bench, name, cfg
         self.settings = train_settings(cfg)
-        self.method = get_method(name)(method_settings(cfg, bench.backbone))
+        settings = method_settings(cfg, bench.backbone)
         self.sizes = bench.partition.sizes()
         dim = bench.backbone.ctx_dim
-        self.plan = bench.privacy_plan(name)
+        if spec(name).auxiliary:  # FedSP: the server distils the auxiliary model and ships it once
+            from pfpl.federation.fedsp import method_extra
+
+            self.fedsp = bench.fedsp(get_method(name).distilled)
+            settings.extra.update(method_extra(self.fedsp, bench))
+            self.method = get_method(name)(settings)
+            self.plan = plan_for(cfg, self.method, self.sizes, self.settings, dim)
+            self._ship_model(cluster, name, self.fedsp.aux.model.state_dict())
+        else:
+            self.fedsp = None
+            self.method = get_method(name)(settings)
+            self.plan = bench.privacy_plan(name)
         shared = self.method.init_shared(cfg.prompt.n_ctx, dim, stream(self.settings.seed, Purpose.INIT_SHARED))
         _, server_streams = run_streams(cfg, 0)  # the server's own secret; the clients' stay on their nodes
         aggregator = build_aggregator(cfg, self.plan)
+        self.carrier = None
+        if cfg.federation.secure_aggregation:  # the same aggregator as the simulator's, its clients over messages
+            self.carrier = aggregator.carrier = MessageCarrier(
+                cluster, lambda r, step: self._header(round=r, step=step)
+            )
         self.server = Server(self.method, self.settings, len(self.sizes), shared, aggregator, streams=server_streams)
-        self.local_steps = steps_per_round(self.sizes, self.settings)
-        self.steps_per_round = self.local_steps * len(self.method.stages())
-        self.client_level = Accountant(self.plan.accountant)
+        local_steps = steps_per_round(self.sizes, self.settings)
+        steps = local_steps * len(self.method.stages())
+        self.rounds = Rounds(
+            self.server,
+            self,
+            self.settings,
+            local_steps,
+            steps,
+            self.plan,
+            Accountant(self.plan.accountant),
+            self.method.server_phases(),
+        )
         self.epsilons = [0.0] * len(self.sizes)
         self.run_id = uuid.uuid4().hex  # names this method's state on the nodes; kept across a resume
         self.shapes = {k: tuple(v.shape) for k, v in shared.items()}
-        self.secure = SecureOverMessages(self.cluster, self.server.aggregator, self.server.streams, self.shapes)
         # the scores a node's evaluation reply carries: those the server's evaluation plan defines
         self._score_keys = set(client_scores(torch.zeros(0, 1, 1), [], bench.test, bench.plan))
-        self.secure_seconds = 0.0  # time spent in secure-aggregation round trips (pfpl bench --flower)
         self.train_seconds = 0.0  # time spent in training rounds, secure aggregation included
+
+    @staticmethod
+    def _ship_model(cluster: Cluster, name: str, weights: dict[str, torch.Tensor]) -> None:
+        """FedSP's auxiliary model to every SuperNode (once per run); a node that does not take it
+        cannot train the method: that is a deployment error naming it."""
+        # Flower's Array carries a 0-d tensor as shape [1]: send it so (the node restores the shape)
+        weights = {k: v.detach().cpu().contiguous().reshape(v.shape or (1,)) for k, v in weights.items()}
+        digest = model_digest(weights)
+        payloads = {}
+        for node in cluster.hosted:
+            content = _content({"method": name, "digest": digest})
+            content.array_records["weights"] = R.to_arrays(weights)
+            payloads[node] = content
+        replies = cluster.send("query.model", payloads)
+        for node in cluster.hosted:
+            try:
+                if node not in replies:
+                    raise ProtocolError("no reply")
+                only_records(replies[node], {R.PFPL})
+                if R.text(R.header(replies[node], {"digest"}), "digest") != digest:
+                    raise ProtocolError("it acknowledged another model")
+            except ProtocolError as err:
+                raise DeploymentError(f"SuperNode {node} did not take {name}'s auxiliary model: {err}") from None
+        log.info("flower: %s's auxiliary model (%s) shipped to %d SuperNodes", name, digest[:12], len(cluster.hosted))
 
     @property
     def round(self) -> int:
@@ -192,18 +282,35 @@ class FlowerTraining:
     def _header(self, **extra) -> dict:
         return {"method": self.name, "run": self.run_id, **extra}
 
-    def exchange(self, active: list[int], r: int, step: int, steps: int, last: bool) -> Upload:
-        """The participants on every node take ``steps`` steps; the server receives their uploads (in
-        the clear, or summed by the secure-aggregation protocol over further round trips)."""
+    @property
+    def client_level(self) -> Accountant:
+        return self.rounds.client_level
+
+    @property
+    def phases(self) -> list:
+        return self.rounds.phases
+
+    @property
+    def secure_seconds(self) -> float:
+        """Time spent in secure-aggregation round trips (pfpl bench --flower)."""
+        return self.carrier.seconds if self.carrier is not None else 0.0
+
+    def exchange(self, ids, shared, r: int, step: int, steps: int, last: bool) -> Upload:
+        """The transport's exchange (:class:`~pfpl.federation.rounds.Transport`): the participants on
+        every node take ``steps`` steps from the shared values each received; returns what the nodes
+        delivered — their uploads, or, under secure aggregation, which clients hold one (the server
+        never sees the values: its aggregator's session asks the nodes to mask them)."""
+        active = [int(c) for c in ids.tolist()]
+        position = {c: i for i, c in enumerate(active)}
         groups = self.cluster.by_node(active)
         payloads = {}
         for node, clients in groups.items():
-            ids = torch.tensor(clients, dtype=torch.long)
+            rows = torch.tensor([position[c] for c in clients], dtype=torch.long)
             header = self._header(round=r, step=step, steps=steps, last=last, clients=clients)
-            payloads[node] = _content(header, self.server.broadcast(ids))
+            payloads[node] = _content(header, {k: v[rows] for k, v in shared.items()})
         replies = self.cluster.send("train", payloads)
         if self.cfg.federation.secure_aggregation:
-            return self._secure(active, groups, replies, r, step)
+            return self._held(active, groups, replies)
         parts: dict[int, Upload] = {}
         for node, reply in replies.items():
             try:
@@ -211,12 +318,34 @@ class FlowerTraining:
             except (ValueError, TypeError) as err:  # ProtocolError is a ValueError
                 self.cluster._reject(node, "train", str(err))
         rows = [(c, node) for c in active for node in [self.cluster.node_of[c]] if node in parts]
-        upload = _ordered(parts, rows, self.shapes)
-        self.server.receive(upload, r, step)
-        return upload
+        return _ordered(parts, rows, self.shapes)
 
-    def _secure(self, active: list[int], groups: dict, replies: dict, r: int, step: int) -> Upload:
-        """The nodes kept their uploads; the server learns only each group's sum."""
+    def ask(self, kind: str, requests: dict[int, dict]) -> dict[int, dict]:
+        """A server phase's question (:meth:`~pfpl.federation.rounds.Transport.ask`): one ``query.phase``
+        message per node with its clients' requests; the replies of the clients that answered (a
+        node's malformed reply is rejected whole, an answer for a client not asked is ignored)."""
+        groups = self.cluster.by_node(sorted(int(c) for c in requests))
+        payloads = {}
+        for node, clients in groups.items():
+            content = _content(self._header(round=self.server.round, kind=kind, clients=clients))
+            for c in clients:
+                R.put_fields(content, f"{PHASE}/{c}", requests[c])
+            payloads[node] = content
+        replies: dict[int, dict] = {}
+        for node, reply in self.cluster.send("query.phase", payloads).items():
+            try:
+                R.header(reply, {"clients"})
+                answers = R.take_fields(reply, PHASE)
+                if not set(answers) <= set(groups[node]):
+                    raise ProtocolError(f"answers for clients {sorted(answers)}, asked {groups[node]}")
+            except ProtocolError as err:
+                self.cluster._reject(node, f"query.phase ({kind})", str(err))
+                continue
+            replies.update(answers)
+        return replies
+
+    def _held(self, active: list[int], groups: dict, replies: dict) -> Upload:
+        """Under secure aggregation the nodes keep their uploads: which clients hold one (values unseen)."""
         delivered = set()
         for node, reply in replies.items():
             try:
@@ -228,22 +357,9 @@ class FlowerTraining:
             except ProtocolError as err:
                 self.cluster._reject(node, "train", str(err))
         clients = [c for c in active if c in delivered]
-        ids = torch.tensor(clients, dtype=torch.long)
         sizes = torch.tensor([float(self.sizes[c]) for c in clients])
         unseen = {k: torch.zeros(len(clients), *s) for k, s in self.shapes.items()}  # the server never sees values
-        upload = Upload(ids, unseen, sizes, torch.full((len(clients),), math.nan))
-        if not self.settings.train_shared or not self.server.shared:
-            return upload
-        kept, drops = self.server.deliver(upload, r, step)
-        contributions = {
-            name: self.server.contributions(kept, drops, name, r, step) for name in self.method.shared_params
-        }
-        t0 = time.perf_counter()
-        sums, released = self.secure.aggregate(contributions, self._header(round=r, step=step))
-        self.secure_seconds += time.perf_counter() - t0
-        for name in contributions:
-            self.server.apply(name, sums[name], released[name], r)
-        return upload
+        return Upload(torch.tensor(clients, dtype=torch.long), unseen, sizes, torch.full((len(clients),), math.nan))
 
     def _upload(self, reply: RecordDict, clients: list[int]) -> Upload:
         """A node's plaintext upload: the shared values and the clients' record counts (and, in a
@@ -269,31 +385,23 @@ class FlowerTraining:
         return Upload(ids, {k: v.float() for k, v in values.items()}, stats["sizes"].float(), loss)
 
     def run_round(self) -> dict:
+        """One round of the shared round loop (:class:`~pfpl.federation.rounds.Rounds`) over messages."""
         start = time.perf_counter()
-        failures = getattr(self.server.aggregator, "failures", None)
-        failed_before = 0 if failures is None else len(failures)
-        r = self.server.round
-        active = self.server.participants(r).tolist()
-        if self.settings.sync == "step":
-            losses = [
-                self.exchange(active, r, k, 1, last=k == self.local_steps - 1).loss for k in range(self.local_steps)
-            ]
-            loss = torch.cat(losses).mean() if losses else torch.tensor(float("nan"))
-        else:
-            loss = self.exchange(active, r, 0, self.steps_per_round, last=True).loss.mean()
-        self.plan.charge_client_level(self.client_level)
-        self.server.end_round()
+        info = self.rounds.run_round(self)
         self.train_seconds += time.perf_counter() - start
-        info = {"loss": float(loss), "lr": self.settings.lr_at(r), "participants": len(active)}
-        if failures is not None:  # secure aggregation: instances skipped this round (as the simulator)
-            info["secure_failures"] = len(failures) - failed_before
         return info
 
     def evaluate(self) -> dict:
+        product = None
+        if self.fedsp is not None:  # the server's full model with the prompt: the same for every client
+            params = {"prompt": self.server.shared["prompt"][:1]}
+            product = {"text": self.method.release_features(None, params, None)[0].detach().cpu()}
         payloads = {}
         for node, clients in self.cluster.hosted.items():
             ids = torch.tensor(clients, dtype=torch.long)
             payloads[node] = _content(self._header(round=self.server.round), self.server.broadcast(ids))
+            if product is not None:
+                payloads[node].array_records["product"] = R.to_arrays(product)
         replies = self.cluster.send("evaluate", payloads)
         per_client: dict[str, list[float]] = {}
         n = len(self.sizes)
@@ -336,16 +444,7 @@ class FlowerTraining:
         return got, eps, scores
 
     def privacy_record(self) -> dict:
-        client_level = self.client_level.epsilon(self.plan.delta) if self.plan.client_sigma > 0 else None
-        worst = max(self.epsilons)
-        return {
-            "epsilon": R.finite_or_none(worst),
-            "epsilon_per_client": [R.finite_or_none(e) for e in self.epsilons],
-            "epsilon_kind": self.plan.epsilon_kind,
-            "formal_guarantee": self.plan.formal(),
-            "randomness": self.plan.randomness,
-            "client_level_epsilon": client_level,
-        }
+        return privacy_record(self.plan, self.epsilons, self.client_level)
 
     def state_dict(self) -> dict:
         """What a resumed server needs: its own state (its own secret among it, never a client's: those
@@ -356,11 +455,15 @@ class FlowerTraining:
             "epsilons": list(self.epsilons),
             "run_id": self.run_id,
             "secure_failures": list(getattr(self.server.aggregator, "failures", [])),
+            "phases": [list(getattr(p, "log", [])) for p in self.phases],
         }
 
     def load_state_dict(self, state: dict) -> None:
+        for phase, entries in zip(self.phases, state.get("phases", [])):
+            if hasattr(phase, "log"):
+                phase.log[:] = entries
         self.server.load_state_dict(state["server"])
-        self.client_level = Accountant.from_state(state["client_level"])
+        self.rounds.client_level = Accountant.from_state(state["client_level"])
         self.epsilons = list(state["epsilons"])
         self.run_id = str(state["run_id"])
         if hasattr(self.server.aggregator, "failures"):
@@ -368,7 +471,16 @@ class FlowerTraining:
 
     def finish(self, folder: RunFolder) -> dict:
         failures = getattr(self.server.aggregator, "failures", None)
+        extra = {}
+        if self.fedsp is not None:  # the model owner's figures (the clients' own products stay on the nodes)
+            prompt = self.server.shared["prompt"][0].numel() * 4
+            body = sum(v.numel() * 4 for v in self.fedsp.body.values())
+            up = prompt + (body if self.method.upload == "reference" else 0)
+            traffic = {"download": prompt, "upload": up, "body_once": body, "upload_mode": self.method.upload}
+            extra["fedsp"] = {**self.fedsp.report, "bytes_per_round": traffic}
         return {
+            **extra,
+            **grouping(self, self.bench),
             **({} if failures is None else {"secure_failures": len(failures)}),
             "privacy": self.plan.describe(),
             "flower": {
@@ -397,72 +509,37 @@ def _ordered(parts: dict[int, Upload], rows: list[tuple[int, int]], shapes: dict
 
 
 @dataclass
-class SecureOverMessages:
-    """pfpl's SecAgg+ carried over Flower round trips: one protocol instance per shared parameter and
-    group, all instances of an exchange advancing together, four round trips (advertise keys, share
-    keys, masked input, unmasking). The server plans each instance and decodes its sum with the same
-    :class:`~pfpl.secure.aggregator.SecureAggregator` as the simulator; the nodes encode, mask and
-    answer. Simulated dropouts (``federation.dropout``) stop a client at its drawn phase, as in the
-    simulator; a node that does not answer drops all its clients from that phase on, and an answer
-    that is malformed, unasked for or of the wrong type drops its client. An instance that cannot
-    complete (too few survivors or shares) is skipped — recorded with the aggregator's
-    ``record_failure`` and not applied — while the others go on."""
+class MessageCarrier:
+    """The clients' side of the server's secure-aggregation instances, carried over Flower round
+    trips: the server's own :class:`~pfpl.secure.aggregator.SecureAggregator` plans every instance of
+    an exchange (one per group), runs them together through :func:`pfpl.secure.protocol.run_instances`
+    — four round trips (advertise keys, share keys, masked input, unmasking) — and decodes each sum,
+    exactly as in the simulator; the nodes encode, mask and answer. Simulated dropouts
+    (``federation.dropout``) stop a client at its drawn phase, as in the simulator; a node that does
+    not answer drops all its clients from that phase on, and an answer that is malformed, unasked for
+    or of the wrong type drops its client. An instance that cannot complete is skipped by the
+    aggregator (recorded, not applied) while the others go on."""
 
     cluster: Cluster
-    aggregator: object  # pfpl.secure.aggregator.SecureAggregator
-    streams: Streams  # the server's own mechanism draws (noise for a group nobody joined)
-    shapes: dict[str, tuple]
+    header: Callable[[int, int], dict]  # (round, step) -> the exchange's message header
+    seconds: float = 0.0  # time spent in these round trips
 
-    def aggregate(self, contributions: dict, header: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Each shared parameter's group sums ``[G, ...]`` and the groups the server may apply ``[G]``
-        (the aggregator's ``releases``: those that contributed, less the instances that failed)."""
-        from pfpl.secure.protocol import SecAggServer, SecureAggregationError
+    def deliver_for(self, c, plans: dict) -> Callable[[str, dict], dict]:
+        """``deliver(phase, inbox)`` for the instances of contributions ``c`` (``plans``: group -> plan)."""
+        header = self.header(c.round, c.step)
+        keys = {g: f"{c.index}.{g}" for g in plans}
 
-        a = self.aggregator
-        sums: dict[str, torch.Tensor] = {}
-        instances: dict[str, tuple] = {}
-        failed: dict[str, dict[int, Exception]] = {name: {} for name in contributions}
-        for name, c in contributions.items():
-            dim = math.prod(self.shapes[name])
-            sums[name] = torch.zeros(c.n_groups, dim, dtype=torch.float64)
-            for g in range(c.n_groups):
-                plan = a.plan_group(c, g)
-                if plan is None:
-                    draws = self.streams.draws(Purpose.SERVER_NOISE, c.round, c.step, SERVER, c.index)
-                    sums[name][g] = a.empty(c, g, dim, draws)
-                    continue
-                server = SecAggServer(
-                    plan.everyone, plan.graph, plan.threshold, a.vector_length(dim), a.settings.ring_bits
-                )
-                instances[f"{c.index}.{g}"] = (name, g, c, plan, server, dim)
-        inbox = {key: inst[4].setup() for key, inst in instances.items()}
-        collect = {
-            "advertise": "collect_keys",
-            "share": "collect_shares",
-            "masked": "collect_masked",
-            "unmask": "collect_unmask",
-        }
-        for phase, method in collect.items():
-            answers = self._round_trip(phase, inbox, instances, header)
-            inbox = {}
-            for key in list(instances):
-                try:
-                    inbox[key] = getattr(instances[key][4], method)(answers[key])
-                except SecureAggregationError as err:  # this instance is skipped; the others go on
-                    name, g = instances.pop(key)[:2]
-                    failed[name][g] = err
-        for key, total in inbox.items():
-            name, g, c, plan, server, dim = instances[key]
-            sums[name][g] = a.decode(total, c, g, dim)
-        released = {}
-        for name, c in contributions.items():
-            for g, err in failed[name].items():
-                a.record_failure(c, g, err)
-            released[name] = a.releases(c)  # those that contributed, less this exchange's failed instances
-        shaped = {name: s.reshape(len(s), *self.shapes[name]).float() for name, s in sums.items()}
-        return shaped, released
+        def deliver(phase: str, inbox: dict) -> dict:
+            start = time.perf_counter()
+            answers = self._round_trip(
+                phase, {keys[g]: messages for g, messages in inbox.items()}, {keys[g]: plans[g] for g in inbox}, header
+            )
+            self.seconds += time.perf_counter() - start
+            return {g: answers.get(keys[g], []) for g in inbox}
 
-    def _round_trip(self, phase: str, inbox: dict, instances: dict, header: dict) -> dict[str, list]:
+        return deliver
+
+    def _round_trip(self, phase: str, inbox: dict, plans: dict, header: dict) -> dict[str, list]:
         """One phase's messages to the nodes, and the answers by instance: only those asked for (this
         phase, this instance, a client of the answering node), of the phase's type and sent by their
         client; every other entry is rejected with its reason (its client is then treated as
@@ -475,7 +552,7 @@ class SecureOverMessages:
         payloads: dict[int, RecordDict] = {}
         asked: dict[int, set[tuple[str, int]]] = {}
         for key, messages in inbox.items():
-            plan = instances[key][3]
+            plan = plans[key]
             for client, message in messages.items():
                 if client in plan.drops and PHASES.index(plan.drops[client]) <= order:
                     continue  # a simulated dropout: gone before this phase

@@ -45,17 +45,19 @@ from pathlib import Path
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from pfpl.algorithms import AUXILIARY_METHODS, get_method
+from pfpl.algorithms import get_method, spec
 from pfpl.algorithms.base import MethodSettings
 from pfpl.config import Config
 from pfpl.errors import PfplError, ProtocolError
 from pfpl.evaluation.federated import client_scores
-from pfpl.federation.client import ClientState, ClientUpdate, steps_per_round
+from pfpl.federation.client import ClientUpdate
+from pfpl.federation.context import Benchmark
 from pfpl.federation.flower import records as R
-from pfpl.federation.runner import Benchmark, method_settings, train_settings
+from pfpl.federation.host import ClientHost
+from pfpl.federation.wiring import method_settings, plan_for, train_settings
 from pfpl.privacy.accounting import Accountant
 from pfpl.privacy.modes import is_private, secret_randomness
-from pfpl.streams import Purpose, Streams, client_streams, stream
+from pfpl.streams import Streams
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +66,20 @@ RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a run id names a folder of the no
 
 def flower_refusal(name: str) -> str | None:
     """Why method ``name`` cannot run on Flower yet (None: it can)."""
-    if name in AUXILIARY_METHODS:
-        return f"{name} distributes a distilled auxiliary model, which pfpl does not carry over Flower yet"
-    if get_method(name)(MethodSettings()).server_phases():
-        return f"{name} runs a server phase with the clients between rounds (SecPC), not carried over Flower yet"
+    phases = get_method(name)(MethodSettings()).server_phases()
+    if phases and not get_method(name)(MethodSettings()).client_handlers():
+        return f"{name} runs a server phase with the clients between rounds that has no client side over messages"
     return None
+
+
+def model_digest(weights: dict[str, torch.Tensor]) -> str:
+    """sha256 of a model's weights (names, dtypes, shapes and bytes), in name order."""
+    h = hashlib.sha256()
+    for key in sorted(weights):
+        value = weights[key].detach().cpu().contiguous()
+        h.update(key.encode() + b"\0" + str(value.dtype).encode() + repr(tuple(value.shape)).encode())
+        h.update(value.numpy().tobytes())
+    return h.hexdigest()
 
 
 def hosted_clients(n_clients: int, partition_id: int, num_partitions: int) -> list[int]:
@@ -94,6 +105,31 @@ class MethodState:
     streams: Streams
     # the node's release ledger at the snapshot (file only: in context.state it has its own records)
     ledger: Ledger = field(default_factory=lambda: Ledger())
+
+    def host_state(self, clients: list[int]) -> dict:
+        """This state as the node's :class:`~pfpl.federation.host.ClientHost` holds it."""
+        return {
+            "clients": list(clients),
+            "streams": self.streams.state_dict(),
+            "local": self.params,
+            "momentum": self.momentum,
+            "participations": torch.tensor(self.participations, dtype=torch.long),
+            "ledgers": [x.state_dict() for x in self.ledgers],
+        }
+
+    def absorb(self, host: dict) -> None:
+        """Take the host's state after it trained."""
+        self.params = {k: v.clone() for k, v in host["local"].items()}
+        self.momentum = {k: v.clone() for k, v in host["momentum"].items()}
+        self.participations = [int(x) for x in host["participations"].tolist()]
+        self.ledgers = [Accountant.from_state(x) for x in host["ledgers"]]
+
+    @classmethod
+    def of_host(cls, run: str, host: dict) -> MethodState:
+        """A fresh method state from a fresh host."""
+        state = cls(run, 0, 0, {}, {}, [], [], Streams(int(host["streams"]["seed"]), host["streams"]["secrets"]))
+        state.absorb(host)
+        return state
 
     def _meta(self) -> dict:
         """Everything but the tensors, as plain values (a ConfigRecord or a weights-only file holds it)."""
@@ -235,6 +271,8 @@ class Node:
         self.sizes = torch.tensor(self.data.sizes(), dtype=torch.float32)
         self.state_dir = Path(state_dir)
         self._methods: dict[str, tuple] = {}
+        self._auxiliary: dict[str, tuple] = {}  # method -> (digest, its tower, its clients' data, body)
+        self._phase_state: dict[tuple[str, str], dict] = {}  # (method, run) -> its server phases' client side
 
     def hello(self) -> dict:
         return {
@@ -247,38 +285,107 @@ class Node:
 
     # ---- one method ------------------------------------------------------------------------------
     def method(self, name: str):
-        """(method, privacy plan, client update, local steps per round) of ``name``."""
+        """(method, privacy plan, the hosted clients' host) of ``name``: the simulator's
+        :class:`~pfpl.federation.host.ClientHost` for this node's clients, whose state each message
+        loads from and writes back to the node's context."""
         if name not in self._methods:
             why = flower_refusal(name)
             if why:
                 raise ProtocolError(why)
-            method = get_method(name)(method_settings(self.cfg, self.bench.backbone))
-            plan = self.bench.privacy_plan(name)
+            settings = method_settings(self.cfg, self.bench.backbone)
+            tower, data = self.bench.tower, self.data
+            if spec(name).auxiliary:  # FedSP: the model the server shipped, its body the clients' start
+                tower, data, body = self._auxiliary_model(name)
+                settings.extra.update({"fedsp_body": body, "fedsp_upload": self.cfg.fedsp.upload})
+            method = get_method(name)(settings)
+            cfg = self.cfg if spec(name).auxiliary else self.bench.method_config(name)  # its measured clip
+            plan = plan_for(cfg, method, self.bench.partition.sizes(), self.settings, tower.backbone.ctx_dim)
             update = ClientUpdate(
-                method,
-                self.bench.tower,
-                self.settings,
-                self.bench.backbone.logit_scale,
-                self.bench.reference,
+                method, tower, self.settings, self.bench.backbone.logit_scale, self.bench.reference,
                 plan.gradient_mechanism(),
-            )
-            steps = steps_per_round(self.data.sizes(), self.settings) * len(method.stages())
-            self._methods[name] = (method, plan, update, steps)
+            )  # fmt: skip
+            host = self._host(method, tower, data, update, plan, Streams(self.settings.seed))
+            self._methods[name] = (method, plan, host)
         return self._methods[name]
 
+    def _host(self, method, tower, data, update, plan, streams: Streams) -> ClientHost:
+        return ClientHost(method, tower, data, self.settings, update, self.clients, streams, plan)
+
     def _fresh(self, name: str, run: str) -> MethodState:
-        method = self.method(name)[0]
-        tower, seed = self.bench.tower, self.settings.seed
-        held = self.data.held_classes(tower.num_classes)
-        rows = [
-            method.init_local(tower.n_ctx, tower.backbone.ctx_dim, stream(seed, Purpose.INIT_LOCAL, client=c), held[c])
-            for c in self.clients
-        ]
-        params = {k: torch.stack([r[k] for r in rows]) for k in method.local_params}
-        kind = self.method(name)[1].accountant
-        streams = Streams.create(seed, self.clients, secret_randomness(self.cfg.dp))
-        ledgers = [Accountant(kind) for _ in self.clients]
-        return MethodState(run, 0, 0, params, {}, ledgers, [0] * len(self.clients), streams)
+        """The method's state at the start of a run: a fresh host's (initial local parameters, new
+        accountants, new secrets for the hosted clients in a private run)."""
+        method, plan, host = self.method(name)
+        streams = Streams.create(self.settings.seed, self.clients, secret_randomness(self.cfg.dp))
+        fresh = self._host(method, host.tower, host.data, host.update, plan, streams)
+        return MethodState.of_host(run, fresh.state_dict())
+
+    # ---- FedSP's auxiliary model -------------------------------------------------------------------
+    def _auxiliary_file(self, name: str) -> Path:
+        return self.state_dir / "auxiliary" / f"node-{self.partition_id}-{name}.safetensors"
+
+    def receive_model(self, content: RecordDict) -> RecordDict:
+        """The auxiliary model the server distilled for ``method`` (FedSP), shipped once per run: its
+        weights must fit the auxiliary architecture of this config and match the digest the server
+        names; it is kept in the node's state folder (a restarted worker reloads it)."""
+        from safetensors.torch import save_file
+
+        head = R.header(content, {"method", "digest"})
+        name, digest = R.text(head, "method"), R.text(head, "digest")
+        if not spec(name).auxiliary:
+            raise ProtocolError(f"{name} trains no auxiliary model")
+        if "weights" not in content.array_records:
+            raise ProtocolError("the message carries no model weights")
+        weights = R.from_arrays(content.array_records["weights"])
+        if model_digest(weights) != digest:
+            raise ProtocolError("the model's weights do not match the digest the server sent")
+        self._load_auxiliary(name, weights, digest)  # checks the architecture before anything is kept
+        path = self._auxiliary_file(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(path.with_suffix(".tmp")), {"digest": digest})
+        path.with_suffix(".tmp").replace(path)
+        self._methods.pop(name, None)  # rebuilt on the new model
+        reply = RecordDict()
+        reply.config_records[R.PFPL] = ConfigRecord({"version": R.PROTOCOL_VERSION, "digest": digest})
+        return reply
+
+    def _load_auxiliary(self, name: str, weights: dict[str, torch.Tensor], digest: str) -> tuple:
+        from pfpl.backbones import OpenClipBackbone, PromptTower
+        from pfpl.backbones.auxiliary import auxiliary_backbone, text_body
+        from pfpl.data.clients import ClientData
+        from pfpl.data.features import image_features
+
+        f, cfg = self.cfg.fedsp, self.cfg
+        aux = auxiliary_backbone(self.bench.backbone, f.auxiliary, f.layers)
+        scalars = {k for k, v in aux.model.state_dict().items() if v.dim() == 0}
+        weights = {k: v.reshape(()) if k in scalars and v.shape == (1,) else v for k, v in weights.items()}
+        try:
+            aux.model.load_state_dict(weights, strict=True)
+        except (RuntimeError, KeyError) as err:
+            raise ProtocolError(f"the auxiliary model does not fit {aux.name}: {str(err)[:300]}") from None
+        aux.model.to(self.bench.device).eval()
+        aux = OpenClipBackbone(aux.model, f"{aux.name}:{digest[:16]}", aux.preprocess, aux.tokenizer, str(aux.device))
+        train = image_features(aux, self.bench.dataset, "train", cfg.cache_dir)
+        tower = PromptTower(
+            aux, self.bench.dataset.classnames, cfg.prompt.n_ctx,
+            max_sequences=cfg.train.max_sequences, share_prefix=cfg.train.share_prefix,
+        )  # fmt: skip
+        out = (digest, tower, ClientData(train, self.bench.partition.clients, aux.device), text_body(aux))
+        self._auxiliary[name] = out
+        return out
+
+    def _auxiliary_model(self, name: str) -> tuple:
+        """(tower, clients' data, body) of the auxiliary model received for ``name``."""
+        if name not in self._auxiliary:
+            from safetensors import safe_open
+            from safetensors.torch import load_file
+
+            path = self._auxiliary_file(name)
+            if not path.is_file():
+                raise ProtocolError(f"{name}: no auxiliary model was received (the server ships it before round 1)")
+            with safe_open(str(path), "pt") as handle:
+                digest = (handle.metadata() or {}).get("digest", "")
+            self._load_auxiliary(name, load_file(str(path)), digest)
+        return self._auxiliary[name][1:]
 
     def _snapshot(self, name: str, run: str, done: int) -> Path:
         return self.state_dir / run / f"node-{self.partition_id}-{name}-round{done}.pt"
@@ -377,21 +484,15 @@ class Node:
         name, run = str(head["method"]), str(head["run"])
         r, step, steps, last = int(head["round"]), int(head["step"]), int(head["steps"]), bool(head["last"])
         clients = R.int_list(head, "clients")
-        method, plan, update, per_round = self.method(name)
+        method, plan, host = self.method(name)
         current = self.load(name, run, r, step, state)
-        rows = self._rows(clients)
+        self._rows(clients)
         shared = self._shared(name, content, clients)
         ids = torch.tensor(clients, dtype=torch.long)
-        sub = ClientState(
-            ids,
-            {k: v[rows].clone() for k, v in current.params.items()},
-            {k: v[rows].clone() for k, v in current.momentum.items()},
-        )
-        s = self.settings
-        batches = self.data.batches(
-            ids, per_round, s.batch_size, s.sampling, current.streams, r, range(step, step + steps)
-        )
-        upload = update(shared, sub, batches, self.sizes[ids], r, step, current.streams)
+        host.load_state_dict(current.host_state(self.clients))
+        upload = host.exchange(shared, ids, r, step, steps)
+        if last:
+            host.finish_round(clients)
         secure = self.cfg.federation.secure_aggregation
         if not secure and is_private(self.cfg.dp):  # what goes out in the clear: once per exchange
             ledger = self.ledger(name, run, state)
@@ -407,17 +508,8 @@ class Node:
                 for c in clients:
                     ledger.released.setdefault(positions[c], digests[c])
                 self._keep_ledger(name, run, ledger, state)
-        for k, v in sub.params.items():
-            current.params[k][rows] = v
-        for k, v in sub.momentum.items():
-            if k not in current.momentum:
-                current.momentum[k] = torch.zeros(len(self.clients), *v.shape[1:], dtype=v.dtype)
-            current.momentum[k][rows] = v
+        current.absorb(host.state_dict())
         current.next_step = step + steps
-        if last:
-            for row in rows:
-                plan.charge_round(current.ledgers[row], int(self.sizes[self.clients[row]]), per_round)
-                current.participations[row] += 1
         current.to_records(state, name)
         reply = RecordDict()
         reply.config_records[R.PFPL] = ConfigRecord({"version": R.PROTOCOL_VERSION, "clients": clients})
@@ -450,7 +542,7 @@ class Node:
         that differ by exactly one client's vector (or average away its fresh noise shares). A server
         killed mid-round after masking therefore resumes with those clients dropped from the re-run
         exchange."""
-        from pfpl.federation.runner import build_aggregator
+        from pfpl.federation.wiring import build_aggregator
         from pfpl.secure import wire
         from pfpl.secure.protocol import PHASES, SecAggClient, Setup
 
@@ -458,7 +550,7 @@ class Node:
         name, phase = str(head["method"]), str(head["phase"])
         if phase not in PHASES:
             raise ProtocolError(f"unknown secure-aggregation phase {phase!r}")
-        method, plan, _, _ = self.method(name)
+        method, plan, _ = self.method(name)
         reply = RecordDict()
         reply.config_records[R.PFPL] = ConfigRecord({"version": R.PROTOCOL_VERSION, "phase": phase})
         steps = {"share": SecAggClient.share_keys, "masked": SecAggClient.masked_input, "unmask": SecAggClient.unmask}
@@ -541,24 +633,59 @@ class Node:
             state.config_records[key] = record
         return reply
 
+    def phase(self, content: RecordDict, state: RecordDict) -> RecordDict:
+        """A server phase's question to some hosted clients (SecFPP's clustering), after round
+        ``round``'s training: each answers from its own state through the method's client side. What
+        that side keeps between the phase's requests (a clustering's key pairs and shares: secrets
+        that are never written anywhere) lives in this process, for one run and kind; a worker that
+        restarts mid-phase leaves its clients out of that phase (SecPC then goes on without them, or
+        fails cleanly and the groups stay). A client whose request is refused is left out of the
+        reply."""
+        head = R.header(content, {"method", "run", "round", "kind", "clients"})
+        name, run, r, kind = str(head["method"]), str(head["run"]), R.integer(head, "round"), R.text(head, "kind")
+        clients = R.int_list(head, "clients")
+        self._rows(clients)
+        method, _, host = self.method(name)
+        current = self.load(name, run, r, None, state)
+        host.load_state_dict(current.host_state(self.clients))
+        requests = R.take_fields(content, "phase")
+        if set(requests) != set(clients):
+            raise ProtocolError(f"requests for clients {sorted(requests)}, the header names {clients}")
+        key = (name, run)
+        if key not in self._phase_state:
+            while len(self._phase_state) >= 4:
+                self._phase_state.pop(next(iter(self._phase_state)))
+            self._phase_state[key] = {}
+        host.phase_state = self._phase_state[key]
+        answers = host.answer(kind, requests)
+        reply = RecordDict()
+        reply.config_records[R.PFPL] = ConfigRecord({"version": R.PROTOCOL_VERSION, "clients": sorted(answers)})
+        for c, fields in answers.items():
+            R.put_fields(reply, f"phase/{c}", fields)
+        return reply
+
     def evaluate(self, content: RecordDict, state: RecordDict) -> RecordDict:
         """Every hosted client's scores with the prompt it holds after round ``round``, and its ε; the
         round is then complete on this node (its state is written to the state folder)."""
         head = R.header(content)
         name, run, r = str(head["method"]), str(head["run"]), int(head["round"])
-        method, plan, _, _ = self.method(name)
+        method, plan, host = self.method(name)
         try:
             current = self.load(name, run, r - 1, None, state)
         except ProtocolError:  # already evaluated: a repeated request (a resumed server) gets the same answer
             current = self.load(name, run, r, 0, state)
         shared = self._shared(name, content, self.clients)
-        ids = torch.tensor(self.clients, dtype=torch.long)
-        with torch.no_grad():
-            params = {**shared, **current.params}
-            gens = client_streams(self.settings.seed, Purpose.RELEASE, ids)
-            text = method.release_features(self.bench.tower, params, gens)
+        host.load_state_dict(current.host_state(self.clients))
+        if spec(name).auxiliary:  # FedSP's product is the server's full model with the prompt: its features
+            expected = (len(self.bench.dataset.classnames), int(self.bench.reference.shape[-1]))
+            if "product" not in content.array_records:
+                raise ProtocolError(f"{name}: the evaluation carries no product text features")
+            text = R.check_tensors(R.from_arrays(content.array_records["product"]), {"text": expected}, "product")
+            text = text["text"].to(self.bench.device).expand(len(self.clients), *expected)
+        else:
+            text = host.release_features(shared)
         scores = client_scores(text, self.clients, self.bench.test, self.bench.plan)
-        eps = [plan.client_epsilon(led, n) for led, n in zip(current.ledgers, current.participations)]
+        eps = host.epsilons()
         current.done, current.next_step = r, 0
         current.to_records(state, name)
         self._save_snapshot(name, current, state)

@@ -130,3 +130,52 @@ def check_tensors(
 
 def finite_or_none(x: float) -> float | None:
     return None if math.isinf(x) or math.isnan(x) else float(x)
+
+
+# ---- a server phase's per-client requests and replies ------------------------------------------------
+FLAT_TYPES = (int, float, str, bytes, bool)
+ARRAYS = "/arrays"  # the ArrayRecord beside a client's ConfigRecord of fields
+
+
+def put_fields(content: RecordDict, name: str, fields: dict) -> None:
+    """One client's flat fields as records named ``name``: numpy arrays in an ArrayRecord, the rest
+    (ints, floats, strings, bytes, bools and lists of one of those) in a ConfigRecord."""
+    arrays, config = {}, {}
+    for key, value in fields.items():
+        if isinstance(value, np.ndarray):
+            arrays[key] = Array(np.ascontiguousarray(value))
+        elif isinstance(value, FLAT_TYPES) or (isinstance(value, list) and _flat_list(value)):
+            config[key] = value
+        else:
+            raise TypeError(f"field {key!r} of {name!r}: {type(value).__name__} is not a flat value")
+    content.config_records[name] = ConfigRecord(config)
+    if arrays:  # a RecordDict's names are unique across record types
+        content.array_records[name + ARRAYS] = ArrayRecord(array_dict=arrays)
+
+
+def _flat_list(value: list) -> bool:
+    kinds = {type(v) for v in value}
+    return len(kinds) <= 1 and kinds <= set(FLAT_TYPES)
+
+
+def take_fields(content: RecordDict, prefix: str) -> dict[int, dict]:
+    """The per-client fields of records ``{prefix}/{client}`` (see :func:`put_fields`): arrays as numpy
+    (numeric only), config values as they are; a malformed name or value is a ProtocolError."""
+    out: dict[int, dict] = {}
+    arrays = {name.removesuffix(ARRAYS) for name in content.array_records if name.endswith(ARRAYS)}
+    for name in set(content.config_records) | arrays:
+        if not name.startswith(prefix + "/"):
+            continue
+        client = name[len(prefix) + 1 :]
+        if not re.fullmatch(r"[0-9]{1,9}", client):
+            raise ProtocolError(f"record {name!r} names no client id")
+        if name not in content.config_records:
+            raise ProtocolError(f"record {name!r} has arrays but no fields")
+        fields = dict(content.config_records[name])
+        if name in arrays:
+            for key, tensor in from_arrays(content.array_records[name + ARRAYS]).items():
+                if key in fields:
+                    raise ProtocolError(f"record {name!r} holds {key!r} twice")
+                fields[key] = tensor.numpy()
+        out[int(client)] = fields
+    return out
