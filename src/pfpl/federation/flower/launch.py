@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from pfpl.errors import DeploymentError
+from pfpl.federation.flower.supernode import FAST_ENV
 
 CONNECTION = "pfpl-local"
 
@@ -211,6 +212,7 @@ class LocalFederation:
         env.setdefault("PFPL_WORKER_THREADS", str(max(1, (os.cpu_count() or 1) // self.supernodes)))
         if self.fast:
             env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(SUPEREXEC_POLL_S))
+            env[FAST_ENV] = "1"  # the ServerApp then pulls replies without Flower's 1 s first back-off
         return env
 
     def _start(self, name: str, args: list[str]) -> subprocess.Popen:

@@ -81,6 +81,9 @@ def patch() -> None:
     from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
 
     import pfpl.federation.flower.apps  # noqa: F401 - the thin ClientApp Flower loads: found in sys.modules
+    from pfpl.federation.flower.supernode import short_pull_backoff
+
+    short_pull_backoff()  # the forked ClientApps pull their message without Flower's 1 s first back-off
 
     launch, reconcile = SubprocessExecutor.launch, SubprocessExecutor.reconcile
 

@@ -7,7 +7,8 @@ SuperLink that brought no message, and polls every 0.5 s for its ClientApp's rep
 reply's objects. On loopback those waits are most of a round trip. This wrapper runs the unchanged
 SuperNode with every ``time.sleep`` of that module capped at ``PFPL_SUPERNODE_POLL_S`` seconds
 (default 0.02), so an idle SuperNode pulls the SuperLink about 50 times a second: cheap on
-loopback, not what a SuperLink serving many SuperNodes over a network should be asked to bear. It
+loopback, not what a SuperLink serving many SuperNodes over a network should be asked to bear; and
+Flower's object-pull back-off starts at that instead of 1 s (:func:`short_pull_backoff`). It
 also starts :mod:`pfpl.federation.flower.superexec` as the SuperNode's SuperExec, which forks each
 message's ClientApp process from a process that has Flower's ClientApp runtime imported instead of
 starting it afresh (``PFPL_SUPEREXEC_FORK=0``: Flower's own). A real deployment runs plain
@@ -22,6 +23,20 @@ import sys
 import time as _time
 
 DEFAULT_POLL_S = 0.02
+FAST_ENV = "PFPL_LOOPBACK_FAST"  # set by pfpl's loopback federation (LocalFederation(fast=True))
+
+
+def short_pull_backoff(initial: float = DEFAULT_POLL_S, cap: float = 0.5) -> None:
+    """Flower pulls a message's objects (from the SuperNode into its ClientApp, from the SuperLink into
+    the ServerApp) with a retry back-off that starts at 1 s and doubles to 10 s when an object is not
+    there yet — which on loopback it usually is not, by a few milliseconds: most of a round trip went
+    to that first 1 s wait. Start it at ``initial`` seconds (capped at ``cap``) in this process."""
+    from flwr.supercore.inflatable import inflatable_utils as inflatable
+
+    for fn in (inflatable.pull_objects, inflatable.pull_and_inflate_object_from_tree):
+        if fn.__kwdefaults__ and "initial_backoff" in fn.__kwdefaults__:
+            fn.__kwdefaults__["initial_backoff"] = initial
+            fn.__kwdefaults__["backoff_cap"] = cap
 
 
 class _ShortSleeps:
@@ -58,6 +73,7 @@ def patch(cap: float | None = None, fork: bool | None = None) -> None:
     if fork is None:
         fork = os.environ.get("PFPL_SUPEREXEC_FORK", "1") != "0"
     start_client_internal.time = _ShortSleeps(max(0.001, cap))
+    short_pull_backoff(max(0.001, cap))
     if fork:
         start_client_internal.subprocess = _ForkingSuperExec()
 
