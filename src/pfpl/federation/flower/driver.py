@@ -258,10 +258,11 @@ class FlowerTraining:
         # Flower's Array carries a 0-d tensor as shape [1]: send it so (the node restores the shape)
         weights = {k: v.detach().cpu().contiguous().reshape(v.shape or (1,)) for k, v in weights.items()}
         digest = model_digest(weights)
+        arrays = R.to_arrays(weights)  # converted once, the same record in every node's message
         payloads = {}
         for node in cluster.hosted:
             content = _content({"method": name, "digest": digest})
-            content.array_records["weights"] = R.to_arrays(weights)
+            content.array_records["weights"] = arrays
             payloads[node] = content
         replies = cluster.send("query.model", payloads)
         for node in cluster.hosted:

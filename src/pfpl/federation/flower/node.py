@@ -66,8 +66,8 @@ RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a run id names a folder of the no
 
 def flower_refusal(name: str) -> str | None:
     """Why method ``name`` cannot run on Flower yet (None: it can)."""
-    phases = get_method(name)(MethodSettings()).server_phases()
-    if phases and not get_method(name)(MethodSettings()).client_handlers():
+    method = get_method(name)(MethodSettings())
+    if method.server_phases() and not method.client_handlers():
         return f"{name} runs a server phase with the clients between rounds that has no client side over messages"
     return None
 
