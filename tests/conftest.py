@@ -60,6 +60,22 @@ def tiny() -> OpenClipBackbone:
     return _tiny_backbone(0)
 
 
+TINY_VIT_CONFIG = {
+    **TINY_CONFIG,
+    "vision_cfg": {"layers": 3, "width": 16, "patch_size": 8, "image_size": 32, "head_width": 8},
+}
+
+
+@pytest.fixture
+def tiny_vit() -> OpenClipBackbone:
+    """A random tiny CLIP whose image tower is a ViT (it can carry vision prompts)."""
+    from pfpl.backbones.embedded import build_model
+
+    torch.manual_seed(0)
+    model = build_model(TINY_VIT_CONFIG)
+    return OpenClipBackbone(model, "tiny-vit", open_clip.image_transform(32, is_train=False), SimpleTokenizer())
+
+
 @pytest.fixture
 def random_features():
     """A factory: ``random_features(backbone, n, seed)`` is ``n`` random unit image features labelled

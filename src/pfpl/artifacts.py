@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pfpl.errors import CheckpointError
+from pfpl.evaluation import SCORES
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -125,20 +126,7 @@ class RunFolder:
         buf = io.StringIO()
         writer = csv.writer(buf)
         rows = [("zero_shot", summary["zero_shot"])] + list(summary["methods"].items())
-        keys = [
-            k
-            for k in (
-                "local",
-                "local_std",
-                "neighbor",
-                "neighbor_std",
-                "neighbor_same_domain",
-                "neighbor_same_domain_std",
-                "cross_domain",
-                "cross_domain_std",
-            )
-            if k in rows[0][1]
-        ]
+        keys = [k for score in SCORES for k in (score, f"{score}_std") if k in rows[0][1]]
         writer.writerow(["method", *keys])
         for name, m in rows:
             writer.writerow([name] + ["" if m.get(k) is None else f"{m[k]:.4f}" for k in keys])
@@ -206,6 +194,20 @@ class RunFolder:
         write_json(self.file("audit.json"), report)
 
 
+def panels(n: int):
+    """A figure of ``n`` accuracy panels sharing the y axis, at most three to a row; unused cells
+    hidden. Returns the figure and the ``n`` axes."""
+    import matplotlib.pyplot as plt
+
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.2 * rows + 0.6), sharey=True, squeeze=False)
+    cells = list(grid.flat)
+    for ax in cells[n:]:
+        ax.set_visible(False)
+    return fig, cells[:n]
+
+
 def legend_below(fig, axes, ncol: int | None = None) -> None:
     """One legend for the figure, under the axes, so it never covers a data point."""
     handles, labels = {}, {}
@@ -225,7 +227,8 @@ def legend_below(fig, axes, ncol: int | None = None) -> None:
 
 
 def plot_accuracy(history: list[dict], zero_shot: dict, title: str = ""):
-    """Local and neighbor accuracy per round, one line per method (its final ε in the legend);
+    """Local and neighbor accuracy per round (and base, novel, hm, held-out domain where the run
+    measures them), one line per method (its final ε in the legend);
     zero-shot dashed; whole rounds on the x axis; the run described in the title."""
     import matplotlib
 
@@ -233,9 +236,10 @@ def plot_accuracy(history: list[dict], zero_shot: dict, title: str = ""):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
+    keys = ("local", "neighbor") + tuple(k for k in ("base", "novel", "hm", "held_out_domain") if k in history[0])
+    fig, axes = panels(len(keys)) if len(keys) > 2 else plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
     methods = list(dict.fromkeys(r["method"] for r in history))
-    for ax, key in zip(axes, ("local", "neighbor")):
+    for ax, key in zip(axes, keys):
         for i, m in enumerate(methods):
             rows = [r for r in history if r["method"] == m]
             eps = rows[-1].get("epsilon")
@@ -245,7 +249,7 @@ def plot_accuracy(history: list[dict], zero_shot: dict, title: str = ""):
                 if kind == "none"
                 else f"{m} (ε = {'∞' if eps is None else f'{eps:.3g}'}" + (", nominal)" if kind == "nominal" else ")")
             )
-            values = [float("nan") if r[key] is None else r[key] for r in rows]  # None: nothing to measure
+            values = [float("nan") if r.get(key) is None else r[key] for r in rows]  # None: nothing to measure
             ax.plot([r["round"] for r in rows], values, marker="o", ms=3, label=label, color=f"C{i}")
         if zero_shot.get(key) is not None:
             ax.axhline(zero_shot[key], ls="--", color="gray", label="zero-shot")

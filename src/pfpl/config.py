@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from pfpl.algorithms import DEFAULT_METHODS, METHOD_NAMES, spec
+from pfpl.algorithms import DEFAULT_METHODS, METHOD_NAMES, prompted_towers, spec
 from pfpl.errors import ConfigError
 from pfpl.privacy.modes import DP_MODES, MODES, is_private
 
@@ -87,6 +87,20 @@ class PromptConfig(Section):
     n_ctx: int = Field(16, ge=1, le=64)
     init_std: float = Field(0.02, gt=0)
     template: str = Field("a photo of a {}.", description="hand-crafted zero-shot template; {} is the class name")
+    modality: Literal["text", "vision", "both"] = Field(
+        "text",
+        description="which towers DP-FPL / DP-LoRA prompt (global + low-rank local on each): the text tower, the "
+        "image tower (a ViT; the text classifier is then the frozen template) or both",
+    )
+    vision_tokens: int = Field(8, ge=1, le=64, description="vision prompt tokens per prompted image layer")
+    vision_depth: int = Field(
+        1, ge=1, description="image layers with their own vision prompt tokens: 1 = shallow (VPT), more = deep"
+    )
+    vision_start: int = Field(
+        0,
+        ge=0,
+        description="the first prompted image layer; the layers below it run once per image and are cached",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -155,6 +169,23 @@ class TrainConfig(Section):
     rank: int = Field(8, ge=1, description="rank of DP-FPL / DP-LoRA / FedPGP local factors")
     fedpgp_mu: float = Field(1.0, ge=0)
     fedpgp_temperature: float = Field(0.5, gt=0)
+    promptfolio_theta: float = Field(
+        0.4, ge=0, le=1, description="PromptFolio's portfolio coefficient: 0 = the global prompt, 1 = the local one"
+    )
+    pfedmoap_experts: int = Field(
+        10, ge=1, description="pFedMoAP: prompts each client's gate mixes, its own included (the paper's 10)"
+    )
+    pfedmoap_selection: Literal["nearest", "random"] = Field(
+        "nearest", description="pFedMoAP: the other clients' prompts a client downloads: nearest by L2, or random"
+    )
+    pfedmoap_lambda: float = Field(0.5, ge=0, description="pFedMoAP: weight of the local prompt's own logits")
+    pfedmoap_gating_dim: int = Field(128, ge=1, description="pFedMoAP: the gate's reduced feature width")
+    pfedmoap_heads: int = Field(8, ge=1, description="pFedMoAP: attention heads of the gate")
+    pfedmoap_scaling: float = Field(10.0, gt=0, description="pFedMoAP: the gate's dot-product scaling")
+    fedotp_mass: float = Field(0.8, gt=0, le=1, description="FedOTP: the mass its partial transport moves (ρ)")
+    fedotp_eps: float = Field(0.01, gt=0, description="FedOTP: the entropic regularisation of the transport")
+    fedotp_iterations: int = Field(100, ge=1, description="FedOTP: at most this many Sinkhorn iterations")
+    fedotp_tolerance: float = Field(1e-3, gt=0, description="FedOTP: stop when the scaling changes less (relative)")
     max_sequences: int = Field(
         4096,
         ge=1,
@@ -163,6 +194,12 @@ class TrainConfig(Section):
     )
     share_prefix: bool = Field(
         True, description="run a shared context's [SOS] ctx positions once per prompt set, not once per class"
+    )
+    max_images: int = Field(
+        4096,
+        ge=1,
+        description="memory budget of vision prompts: images through the prompted image layers at once; a "
+        "training call takes at most this // batch size clients",
     )
 
 
@@ -243,12 +280,38 @@ class FedSPConfig(Section):
         "val", description="the server's own data: the public val split, or a shard cut from the training split"
     )
     server_fraction: float = Field(0.1, gt=0, lt=1, description="server_data = shard: its share of each class")
+    server_per_class: int | None = Field(
+        None,
+        ge=1,
+        description="keep at most this many of the server's labelled images per class (seeded; a scarce server "
+        "whose data does not outweigh the federation's); unset: all of them",
+    )
     distill_steps: int = Field(300, ge=0, description="AdamW steps distilling the auxiliary model")
     distill_lr: float = Field(1e-3, gt=0)
     server_steps: int = Field(5, ge=0, description="steps the server fine-tunes the averaged prompt each round")
     server_lr: float = Field(0.02, gt=0)
     upload: Literal["prompt", "reference"] = Field(
         "prompt", description="prompt: clients send their prompt only; reference: also their body (leaks more)"
+    )
+
+
+class EvaluationConfig(Section):
+    novel_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="base-to-novel: this seeded share of the classes is held out of every client's (and FedSP's "
+        "server's) training data; runs then report base, novel and hm beside local (0 = off)",
+    )
+    held_out_domain: str | None = Field(
+        None,
+        description="leave-one-domain-out: this domain's (style's) records are held out of all training; runs then "
+        "report held_out_domain, each client's prompt on that domain's test images of every class",
+    )
+    report: Literal["final", "mean-last-10"] = Field(
+        "final",
+        description="final: the accuracies after the last round; mean-last-10: their mean over the last 10 rounds "
+        "(DP-FPL's published metric)",
     )
 
 
@@ -301,6 +364,7 @@ class Config(Section):
     secure: SecureConfig = SecureConfig()
     secfpp: SecFPPConfig = SecFPPConfig()
     fedsp: FedSPConfig = FedSPConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     _notes: list[str] = PrivateAttr(default_factory=list)
 
     @property
@@ -423,10 +487,67 @@ def _check_together(cfg: Config) -> None:
                 f"reach {largest:.3g}, beyond the ±{SECPC_RANGE // 2:.3g} its three primes hold (they would wrap "
                 "silently); lower secfpp.frac_bits or federation.n_clients"
             )
-    if cfg.train.rank > cfg.prompt.n_ctx:
+    _check_vision(cfg)
+    text = [m for m in cfg.train.methods if prompted_towers(m, cfg.prompt.modality) != "vision"]
+    if text and cfg.train.rank > cfg.prompt.n_ctx:
         raise ConfigError(
             f"config error: train.rank = {cfg.train.rank} must be at most prompt.n_ctx = {cfg.prompt.n_ctx} "
             "(a rank-k factor of an n_ctx × dim prompt)"
+        )
+    _check_classifiers(cfg)
+
+
+def _check_classifiers(cfg: Config) -> None:
+    """Methods whose classifier is not one context, and pFedMoAP's downloads of other clients' prompts."""
+    several = [m for m in cfg.train.methods if not spec(m).one_context]
+    if several and cfg.dp.clip_quantile is not None:
+        raise ConfigError(
+            f"config error: dp.clip_quantile measures gradient norms of one context's class features; {several[0]}'s "
+            "classifier is more than one context: set dp.clip instead"
+        )
+    downloads = [m for m in cfg.train.methods if spec(m).downloads]
+    if downloads and cfg.federation.secure_aggregation:
+        raise ConfigError(
+            f"config error: {downloads[0]}'s clients download other clients' prompts one by one (its experts), so "
+            "the server must hold each prompt, which secure aggregation (it reveals only sums) exists to hide; run "
+            f"{downloads[0]} without federation.secure_aggregation"
+        )
+
+
+def _check_vision(cfg: Config) -> None:
+    """Vision prompts: where ``prompt.modality`` applies, and what their privacy cannot be."""
+    pr = cfg.prompt
+    if pr.modality != "text":
+        text_only = [m for m in cfg.train.methods if spec(m).towers == "text"]
+        if text_only:
+            raise ConfigError(
+                f"config error: prompt.modality = {pr.modality!r} applies to dpfpl and dplora, but train.methods "
+                f"also has {', '.join(text_only)}, which prompt only the text tower; leave them out (vpt, ivlp and "
+                "maple are the vision and both-tower methods)"
+            )
+    vision = [m for m in cfg.train.methods if prompted_towers(m, pr.modality) != "text"]
+    if not vision:
+        return
+    if cfg.dp.mode == "feature":
+        raise ConfigError(
+            f"config error: dp.mode = 'feature' cannot cover {vision[0]}'s vision prompts (their gradient depends "
+            "on each image through the image tower, not only on the class text features); use dp.mode = 'per-sample'"
+        )
+    if cfg.dp.clip_quantile is not None:
+        raise ConfigError(
+            f"config error: dp.clip_quantile measures gradient norms w.r.t. the text context; {vision[0]} has vision "
+            "prompts: set dp.clip instead"
+        )
+    lowrank = [m for m in vision if spec(m).towers == "modality"]
+    if lowrank and cfg.train.rank > pr.vision_depth * pr.vision_tokens:
+        raise ConfigError(
+            f"config error: train.rank = {cfg.train.rank} must be at most prompt.vision_depth × prompt.vision_tokens "
+            f"= {pr.vision_depth * pr.vision_tokens} for {lowrank[0]}'s vision prompts (a rank-k factor of them)"
+        )
+    if "maple" in vision and pr.vision_tokens > pr.n_ctx:
+        raise ConfigError(
+            f"config error: maple projects its {pr.vision_tokens} vision tokens (prompt.vision_tokens) from the "
+            f"first text context tokens; prompt.n_ctx = {pr.n_ctx} is fewer"
         )
 
 

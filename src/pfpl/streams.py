@@ -55,6 +55,7 @@ class Purpose(IntEnum):
     PROTOCOL = 11  # the secure protocols' public choices (the SecAgg+ graph)
     CLUSTERING = 12  # projections and initial centres of secure clustering
     DP_SHARE = 13  # a client's share of the distributed-DP noise under secure aggregation
+    EXPERTS = 14  # pFedMoAP's random choice of the experts a client downloads
 
 
 #: draws of a privacy mechanism: secret from every party the mechanism protects against

@@ -170,3 +170,26 @@ def test_sample_level_dp_charges_both_stages_of_every_round(tmp_path):
             acc.compose(dp_accounting.SelfComposedDpEvent(event, steps))
             assert eps >= acc.get_epsilon(1e-5) * 0.99, (method, c)
     assert all(a > b for a, b in zip(reported["fedsp"], reported["fedsp-noalign"]))
+
+
+def test_the_server_only_control_trains_nothing_on_the_clients_and_clients_only_has_no_server_phase(tmp_path):
+    """fedsp-server-only: every client's upload is the prompt it received (the product is the server's
+    fine-tuning alone); fedsp-clients-only: the averaged prompt is broadcast without fine-tuning."""
+    from pfpl.federation.context import Benchmark
+
+    bench = Benchmark(_cfg(tmp_path, "train.methods=['fedsp-server-only', 'fedsp-clients-only']"))
+    server_only, _ = bench.engine("fedsp-server-only")
+    everyone = torch.arange(server_only.n_clients)
+    received = server_only.server.broadcast(everyone)
+    state = server_only._gather(everyone)
+    body = {k: v.clone() for k, v in state.params.items()}
+    batches = server_only._batches(everyone, 0)
+    message = server_only.update(received, state, batches, server_only.sizes, 0, 0, server_only.streams)
+    assert message.values["prompt"].abs().max() == 0  # a FedAvg delta of zero
+    assert all(torch.equal(body[k], state.params[k]) for k in body)  # no body trained either
+    before = server_only.server.shared["prompt"].clone()
+    server_only.run_round()
+    assert not torch.equal(before, server_only.server.shared["prompt"])  # the server's fine-tuning moved it
+    assert server_only.method.server_phases() and not server_only.method.distilled
+    clients_only, _ = bench.engine("fedsp-clients-only")
+    assert clients_only.method.server_phases() == [] and clients_only.method.distilled

@@ -31,7 +31,7 @@ def bench(tmp_path_factory):
     return Benchmark(cfg)
 
 
-@pytest.mark.parametrize("method", ["coop", "promptfl", "fedotp", "fedpgp", "dpfpl", "secfpp", "fedsp"])
+@pytest.mark.parametrize("method", ["coop", "promptfl", "fedotp-lite", "fedpgp", "dpfpl", "secfpp", "fedsp"])
 def test_step_zero_is_zero_shot(bench, method):
     sim, _ = bench.engine(method)
     released = sim.text_features()  # [N, C, E] before any step

@@ -119,3 +119,18 @@ def test_too_few_clients_for_the_secure_clustering_is_refused_before_any_work():
         load_config(None, ["train.methods=['secfpp']", "federation.n_clients=4"])
     load_config(None, ["train.methods=['secfpp-global']", "federation.n_clients=4"])  # no clustering: fine
     load_config(None, ["train.methods=['secfpp']", "federation.n_clients=4", "secfpp.lcc_slices=1"])  # 3 suffice
+
+
+def test_the_one_prompt_per_client_ablation_adds_the_same_offset_to_every_class(tiny, random_features, classes):
+    train = random_features(tiny, 48)
+    clients = [np.flatnonzero(np.isin(train.labels.numpy(), pair)) for pair in ([0, 1], [2, 3], [4, 5])]
+    method = get_method("secfpp-client")(MethodSettings(init_std=0.1, extra={"recluster_every": 100}))
+    settings = TrainSettings(rounds=3, local_steps=2, batch_size=8, lr=0.5, sync="fedavg", seed=2)
+    sim = Simulator(method, PromptTower(tiny, classes, n_ctx=2), ClientData(train, clients), settings, 20.0)
+    sim.run_round()
+    ctx = sim.personalized_context()
+    assert ctx.shape == (3, 2, tiny.ctx_dim)  # one context per client, shared by its classes
+    domain = sim.server.broadcast(torch.arange(3))["domain"]
+    assert torch.allclose(ctx, domain + sim.local["client"], atol=1e-6)
+    assert sim.local["client"].abs().sum() > 0 and set(method.shared_params) == {"domain"}
+    assert method.public_facts() == ()  # its shape does not depend on the label set

@@ -220,3 +220,29 @@ def test_errors_are_one_line_and_name_the_value(kwargs, needle):
     assert "\n" not in msg and needle in msg
     if kwargs.get("scheme") == "powerlaw":
         assert all(s in msg for s in SCHEMES)
+
+
+def test_novel_classes_are_a_seeded_share_of_the_classes():
+    from pfpl.data.partitions import novel_classes
+
+    novel = novel_classes(LABELS, 0.25, seed=3)
+    assert len(novel) == 10 and np.all(np.diff(novel) > 0) and np.isin(novel, np.arange(C)).all()
+    assert np.array_equal(novel, novel_classes(LABELS, 0.25, seed=3))
+    assert not np.array_equal(novel, novel_classes(LABELS, 0.25, seed=4))
+    assert len(novel_classes(LABELS, 0.0, seed=3)) == 0
+    with pytest.raises(PartitionError, match="at least one class must be novel and one base"):
+        novel_classes(np.array([0, 1, 1]), 0.1, seed=0)
+
+
+def test_training_pool_holds_out_novel_classes_and_domains_then_partitions_only_base():
+    from pfpl.data.partitions import novel_classes, training_pool
+
+    novel = novel_classes(LABELS, 0.5, seed=0)
+    pool = training_pool(LABELS, DOMAINS, novel, np.array([2]))
+    assert not np.isin(LABELS[pool], novel).any() and not (DOMAINS[pool] == 2).any()
+    assert len(pool) == N // 2 * (K - 1) // K  # every other record of a base class stays
+    part = make_partition(LABELS[pool], DOMAINS[pool], 10, "pathological", seed=0)
+    for ix in part.clients:
+        assert not np.isin(LABELS[pool[ix]], novel).any()
+    with pytest.raises(PartitionError, match="leaves no training records"):
+        training_pool(LABELS, DOMAINS, np.arange(C), np.empty(0, np.int64))

@@ -185,11 +185,11 @@ def test_a_federation_missing_a_partition_is_refused(flower_cache, tmp_path):
 def _silent_at(phase: str, nodes: set[int], round: int = 0):
     """SuperNodes that stop answering at a secure-aggregation phase of a round's first exchange."""
 
-    def silent(kind, node, content) -> bool:
-        if kind != "train.secagg" or node not in nodes:
+    def silent(kind, node, content) -> bool:  # masked inputs ride on the train message
+        if kind != ("train" if phase == "masked" else "train.secagg") or node not in nodes:
             return False
-        head = content.config_records[R.PFPL]
-        return int(head["round"]) == round and int(head["step"]) == 0 and str(head["phase"]) == phase
+        entries = [R.secagg_entry(k) for k in content.config_records if k.startswith("secagg/")]
+        return any(p == phase and exchange == (round, 0) for p, exchange, _, _ in entries)
 
     return silent
 

@@ -119,23 +119,24 @@ def mutate(op: str, i: int, j: int, value, content: RecordDict) -> dict:
     elif op in ENTRIES and _entry_names(content):
         names = _entry_names(content)
         entry = names[i % len(names)]
-        _, inst, client = entry.split("/")
+        _, phase, inst, client = entry.split("/")
         fields = content.config_records[entry]
         if op == "entry-rename":
             bad = [
-                f"secagg/{inst}",
-                f"secagg/{inst}{client}",
-                f"secagg/9.9/{client}",
-                f"secagg/{inst}/abc",
-                f"secagg/{inst}/{int(client) + 100}",
-                f"secagg/{inst}/{client}/x",
-                f"secagg//{client}",
-                f"secagg/{inst}/-{client}",
-            ][j % 8]
+                f"secagg/{phase}/{inst}",
+                f"secagg/{phase}/{inst}{client}",
+                f"secagg/{phase}/9.9.9.9/{client}",
+                f"secagg/{phase}/{inst}/abc",
+                f"secagg/{phase}/{inst}/{int(client) + 100}",
+                f"secagg/{phase}/{inst}/{client}/x",
+                f"secagg/{phase}//{client}",
+                f"secagg/{phase}/{inst}/-{client}",
+                f"secagg/unmask/{inst}/{client}" if phase != "unmask" else f"secagg/share/{inst}/{client}",
+            ][j % 9]
             content.config_records[bad] = content.config_records.pop(entry)
         elif op == "entry-copy":
             other = j % 5
-            content.config_records[f"secagg/{inst}/{other}"] = ConfigRecord(dict(fields))
+            content.config_records[f"secagg/{phase}/{inst}/{other}"] = ConfigRecord(dict(fields))
         else:
             key = sorted(fields)[j % len(fields)]
             if op == "entry-del":
@@ -167,7 +168,7 @@ class Meddler:
     def __call__(self, kind, node, content) -> None:
         if self.done or kind != self.kind or node != self.node:
             return
-        if self.phase is not None and content.config_records[R.PFPL].get("phase") != self.phase:
+        if self.phase is not None and not any(R.secagg_entry(k)[0] == self.phase for k in _entry_names(content)):
             return
         self.done = True
         before = snapshot(content)
@@ -268,7 +269,7 @@ def _accusations(replies) -> set[int]:
     """Every client named in, or making, an accusation in the masked inputs the server received."""
     out = set()
     for kind, _, snap in replies:
-        if kind != "train.secagg" or snap["config"].get(R.PFPL, {}).get("phase") != "masked":
+        if kind != "train":  # masked inputs ride on the train replies
             continue
         for entry, fields in snap["config"].items():
             rejected = fields.get("rejected") if entry.startswith("secagg/") else None
@@ -296,7 +297,7 @@ def test_a_mutated_secure_aggregation_answer_drops_its_client_and_the_sum_stays_
         seen.setdefault("out", ({name: agg}, {name: touched})),
         apply(name, agg, touched, r),
     )[1]
-    meddler = Meddler("train.secagg", node, mutation, phase)
+    meddler = Meddler("train" if phase == "masked" else "train.secagg", node, mutation, phase)
     grid.meddle, grid.replies[:] = meddler, []
     rejected, failures = len(cluster.rejected), len(training.server.aggregator.failures)
     everyone = list(range(cfg.federation.n_clients))

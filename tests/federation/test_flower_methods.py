@@ -24,7 +24,7 @@ FEDSP = [
 def test_fedsp_on_flower_ends_where_the_simulator_does(flower_cache, tmp_path, extra):
     """The server distils the auxiliary model and ships it once; the nodes train prompt and body on
     it; the server fine-tunes the averaged prompt with the full model it never ships; the product's
-    scores on every node equal the simulator's."""
+    scores on every node, and each client's own auxiliary product's, equal the simulator's."""
     cfg = small_cfg(flower_cache, *FEDSP, *extra)
     grid = InProcessGrid(3, flower_cache)
     flower = run_job(grid, job(cfg, tmp_path / "flower"))
@@ -33,6 +33,11 @@ def test_fedsp_on_flower_ends_where_the_simulator_does(flower_cache, tmp_path, e
     assert [kind for kind, _ in grid.sent].count("query.model") == 3  # once per node
     report = flower["methods"]["fedsp"]["fedsp"]
     assert report["distilled"] and report["bytes_per_round"]["upload_mode"] == "prompt"
+    assert report["bytes_per_round"] == simulated["methods"]["fedsp"]["fedsp"]["bytes_per_round"]
+    # each client's own product (its auxiliary model, body and prompt), scored on its node
+    own, expected = flower["methods"]["fedsp"]["auxiliary"], simulated["methods"]["fedsp"]["auxiliary"]
+    assert set(own) == set(expected) and "local" in own
+    assert all(own[k] == pytest.approx(expected[k], abs=1e-5) for k in expected if expected[k] is not None)
 
 
 @pytest.mark.parametrize(

@@ -160,25 +160,20 @@ def test_a_private_flower_node_sends_only_mechanism_outputs(runs, which):
             assert head["sizes"] == [sizes[c] for c in clients] and set(snap["config"]) == {"pfpl"}
             assert not snap["array"]
         elif kind == "train":
-            assert keys == {"clients"} and set(snap["config"]) == {"pfpl"}
-            if secure:  # the values stay on the node until the protocol masks them
+            assert keys == {"clients"}
+            if secure:  # the values stay on the node until the protocol masks them (they ride on train)
                 assert not snap["array"]
+                _only_protocol_messages(snap)
                 continue
+            assert set(snap["config"]) == {"pfpl"}
             assert set(snap["array"]) == {R.VALUES, R.STATS}
             assert set(snap["array"][R.STATS]) == {"sizes"}  # public record counts, no loss
             assert snap["array"][R.STATS]["sizes"].tolist() == [float(sizes[c]) for c in clients]
             values = snap["array"][R.VALUES]
             assert set(values) == {"global"} and values["global"].shape[0] == len(clients)
         elif kind == "train.secagg":
-            assert keys == {"phase"} and not snap["array"]
-            expected = PHASE_MESSAGE[head["phase"]]
-            for entry, fields in snap["config"].items():
-                if entry == "pfpl":
-                    continue
-                _, client = R.secagg_entry(entry)
-                message = wire.from_fields(fields, expected)
-                assert message.sender == client
-                assert wire.to_fields(message) == fields  # exactly the protocol's message, nothing beside
+            assert not keys and not snap["array"]
+            _only_protocol_messages(snap)
         elif kind == "evaluate":
             assert keys == {"clients", "epsilon", *scores} and set(snap["config"]) == {"pfpl"}
             assert not snap["array"]
@@ -187,6 +182,17 @@ def test_a_private_flower_node_sends_only_mechanism_outputs(runs, which):
         else:
             raise AssertionError(f"an unexpected reply {kind}")
     assert kinds == {"query", "train", "evaluate"} | ({"train.secagg"} if secure else set())
+
+
+def _only_protocol_messages(snap: dict) -> None:
+    """Every entry beside the header is exactly one protocol message of its phase, sent by its client."""
+    for entry, fields in snap["config"].items():
+        if entry == "pfpl":
+            continue
+        phase, _, _, client = R.secagg_entry(entry)
+        message = wire.from_fields(fields, PHASE_MESSAGE[phase])
+        assert message.sender == client
+        assert wire.to_fields(message) == fields  # exactly the protocol's message, nothing beside
 
 
 def _residuals(a: dict, b: dict) -> list[float]:
@@ -380,7 +386,8 @@ def _run_instances(secure: FlowerTraining, instances: dict, header: dict) -> dic
     inbox = {key: inst[4].setup() for key, inst in instances.items()}
     out = {}
     for phase, method in zip(PHASE_MESSAGE, ("collect_keys", "collect_shares", "collect_masked", "collect_unmask")):
-        answers = secure.carrier._round_trip(phase, inbox, {k: inst[3] for k, inst in instances.items()}, header)
+        plans = {k: inst[3] for k, inst in instances.items() if k in inbox}
+        answers = secure.carrier.round_trip((header["round"], header["step"]), phase, inbox, plans)
         inbox = {}
         for key in [k for k in instances if k not in out]:
             try:
@@ -407,8 +414,8 @@ def _mean_of(grid, bench, clients: list[int]) -> torch.Tensor:
 
 def test_a_server_cannot_obtain_two_sums_of_one_exchange_that_differ_by_one_client(flower_cache, caplog):
     """Two instances of one parameter, one with client u and one without: each client's pending upload
-    is consumed by the first instance naming it, so the second gets no key advertisement and fails —
-    in one advertise message, and when the server sends a second advertise after the first sum."""
+    is consumed by the first instance masking it, so the second gets no masked input and fails — in
+    one message, and when the server runs a second instance after the first sum."""
     from pfpl.secure.protocol import SecureAggregationError
 
     cfg, bench, grid, training = _deviating_setup(flower_cache)
@@ -417,7 +424,7 @@ def test_a_server_cannot_obtain_two_sums_of_one_exchange_that_differ_by_one_clie
     both = {"0.0": _instance(training, everyone), "0.1": _instance(training, without_u)}
     with caplog.at_level("WARNING"):
         got = _run_instances(secure, both, header)
-    assert isinstance(got["0.1"], SecureAggregationError)  # nobody advertised keys for the second one
+    assert isinstance(got["0.1"], SecureAggregationError)  # the second finds every upload masked already
     expected = _mean_of(grid, bench, everyone)
     assert torch.allclose(got["0.0"], expected, atol=1e-5)  # the honest instance's sum
     assert sum("not masked a second time" in m for m in caplog.messages) == len(without_u)
@@ -503,7 +510,7 @@ def test_a_replayed_train_message_cannot_feed_a_second_instance_of_its_exchange(
         caplog.clear()
         with caplog.at_level("WARNING"):
             got = _run_instances(secure, {"0.0": _instance(training, clients)}, training._header(round=1, step=step))
-        assert isinstance(got["0.0"], SecureAggregationError)  # nobody advertised keys for it
+        assert isinstance(got["0.0"], SecureAggregationError)  # every upload it names was masked already
         assert sum("not masked a second time" in m for m in caplog.messages) == len(clients)
 
     # the replay: accepted and retrained to the very same upload, but not masked a second time

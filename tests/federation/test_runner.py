@@ -77,7 +77,7 @@ def test_resume_after_a_real_kill_ends_with_the_same_metrics(tmp_path, randomnes
     the checkpoint: the killed and the whole run draw the same secrets from a fixed entropy source,
     and the resumed process, with real entropy, continues the killed one's streams from its checkpoint)."""
     private = ["dp.mode=feature", "dp.noise_multiplier=2.0", f"dp.randomness={randomness}"]
-    extra = ["train.methods=['fedotp', 'dpfpl']", "federation.rounds=3", *private]
+    extra = ["train.methods=['fedotp-lite', 'dpfpl']", "federation.rounds=3", *private]
     sets = [a for o in _overrides(tmp_path, extra) for a in ("--set", o)]
     start = [sys.executable, "-c", FIXED_ENTROPY] if randomness == "secret" else [sys.executable, "-m", "pfpl.cli"]
     whole = subprocess.run(

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from pfpl.algorithms import METHOD_NAMES, get_method
+from pfpl.algorithms import METHOD_NAMES, get_method, prompts_vision, spec
 from pfpl.algorithms.base import MethodSettings
 from pfpl.backbones.prompt_tower import PromptTower
 from pfpl.data.clients import ClientData
@@ -11,6 +11,10 @@ from pfpl.federation.simulator import Simulator
 from pfpl.streams import Purpose, Streams, client_streams
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# the tiny backbone's image tower is a ResNet: the vision-prompt methods get these checks on a ViT in
+# tests/algorithms/test_vision_methods.py
+# FedOTP scores by patch features, which this world has none of (tests/algorithms/test_fedotp.py)
+TEXT_METHODS = [m for m in METHOD_NAMES if not prompts_vision(m) and not spec(m).patches]
 
 
 @pytest.fixture
@@ -46,7 +50,7 @@ def _step_params(sim, active):
     return {**sim.server.broadcast(active), **{k: v[active] for k, v in sim.local.items()}}
 
 
-@pytest.mark.parametrize("name", METHOD_NAMES)
+@pytest.mark.parametrize("name", TEXT_METHODS)
 def test_vectorized_step_equals_loop_over_clients(world, name):
     sim = _sim(world, name)
     active = torch.arange(sim.n_clients)
@@ -59,12 +63,15 @@ def test_vectorized_step_equals_loop_over_clients(world, name):
             _step_params(sim, one), one, batch.rows(c, c + 1), norm[c : c + 1], 0, 0, sim.streams
         )
         assert torch.allclose(l1, loss[c : c + 1], atol=1e-6)
+        # a method's own classifier (pFedMoAP's gate: softmax of 10×-scaled dot products) amplifies the
+        # float32 round-off of batched against one-client matmuls a little
+        atol = 1e-6 if spec(name).one_context else 1e-5
         for key in together:
-            assert torch.allclose(together[key][c], alone[key][0], atol=1e-6), (name, key, c)
+            assert torch.allclose(together[key][c], alone[key][0], atol=atol), (name, key, c)
 
 
 @pytest.mark.parametrize("sync", ["step", "fedavg"])
-@pytest.mark.parametrize("name", ["fedotp", "dpfpl"])
+@pytest.mark.parametrize("name", ["fedotp-lite", "dpfpl"])
 def test_round_equals_per_client_loop(world, name, sync):
     """A whole round of the engine equals clients trained one after another with their own optimizers,
     written here from the method's public pieces only."""
@@ -109,7 +116,7 @@ def test_round_equals_per_client_loop(world, name, sync):
     assert torch.allclose(sim.server.shared["global"][0], glob, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", METHOD_NAMES)
+@pytest.mark.parametrize("name", TEXT_METHODS)
 @pytest.mark.parametrize(
     "sync, sampling, participation", [("step", "shuffle", 1.0), ("fedavg", "poisson", 1.0), ("step", "poisson", 0.67)]
 )
@@ -126,11 +133,13 @@ def test_one_client_calls_equal_the_vectorized_round(world, name, sync, sampling
         (together.momentum, alone.momentum),
         (together.server.momentum, alone.server.momentum),
     ]
-    assert any(x for x, _ in tables[1:])  # some optimizer state exists to compare
+    # some optimizer state exists to compare (a control whose clients train nothing has none)
+    assert any(x for x, _ in tables[1:]) or name == "fedsp-server-only"
+    atol = 1e-5 if spec(name).one_context else 1e-4  # pFedMoAP's gate amplifies float32 round-off
     for x, y in tables:
         assert set(x) == set(y)
         for k in x:
-            assert torch.allclose(x[k], y[k], rtol=1e-5, atol=1e-5), (k, float((x[k] - y[k]).abs().max()))
+            assert torch.allclose(x[k], y[k], rtol=1e-5, atol=atol), (k, float((x[k] - y[k]).abs().max()))
     assert torch.equal(together.participations, alone.participations)
     if participation < 1:
         assert together.participations.min() < 2  # someone sat a round out
@@ -204,7 +213,7 @@ def test_dpfpl_forward_is_global_plus_local(world):
 
 
 def test_non_participants_do_not_move(world):
-    sim = _sim(world, "fedotp", participation=0.34)
+    sim = _sim(world, "fedotp-lite", participation=0.34)
     before = sim.local["local"].clone()
     active = sim.server.participants(0)
     assert len(active) == 1
@@ -243,7 +252,7 @@ def test_same_seed_same_result_and_state_roundtrip(world):
 def test_groups_share_inside_and_not_across(world):
     """Two groups: a server phase splits the clients after round 1; each group's shared prompt then
     moves only with its own members' uploads, and a client receives its own group's value."""
-    sim = _sim(world, "fedotp")
+    sim = _sim(world, "fedotp-lite")
 
     def split(s, round_index):
         if round_index == 0:
@@ -261,7 +270,7 @@ def test_groups_share_inside_and_not_across(world):
     shared = sim.server.broadcast(torch.arange(3))["global"]
     assert torch.equal(shared[0], g[0]) and torch.equal(shared[1], g[1]) and torch.equal(shared[2], g[1])
     # group 0 is client 0 alone: the same round with clients 1 and 2 absent leaves it the same
-    lonely = _sim(world, "fedotp")
+    lonely = _sim(world, "fedotp-lite")
     lonely.phases.append(split)
     lonely.run_round()
     lonely.server.participants = lambda r: torch.tensor([0])

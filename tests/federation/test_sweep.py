@@ -97,3 +97,15 @@ def test_secfpp_clustering_on_raw_image_features_is_kept_out_of_private_runs():
     assert default_methods(listed) == (listed, [])
     with pytest.raises(PrivacyConfigError, match="secfpp"):
         sweep_configs(listed, [1.0])
+
+
+def test_a_base_to_novel_sweep_reports_base_novel_hm_in_its_table_and_csv(tmp_path):
+    cfg = load_config(None, TINY + [f"cache_dir='{tmp_path / 'c'}'", "evaluation.novel_fraction=0.5"])
+    table = run_sweep(cfg, [math.inf], tmp_path / "sweep")
+    for m in ("coop", "dpfpl"):
+        assert all(0 <= table["methods"][m]["inf"][k] <= 1 for k in ("base", "novel", "hm"))
+    csv = (tmp_path / "sweep" / "sweep.csv").read_text().splitlines()
+    header = csv[0].split(",")
+    assert header[5:10] == ["local", "neighbor", "base", "novel", "hm"] and (tmp_path / "sweep" / "sweep.png").is_file()
+    row = dict(zip(header, csv[1].split(",")))
+    assert float(row["hm"]) == pytest.approx(table["methods"][row["method"]]["inf"]["hm"], abs=1e-4)

@@ -146,7 +146,7 @@ def test_client_clipping_keeps_global_dp_noise(world):
             "dp.noise_multiplier=2.0",
             "dp.clip=1.5",
             "dp.client_clip=1.0",
-            "train.methods=['fedotp']",
+            "train.methods=['fedotp-lite']",
         ],
         rounds=1,
     )
@@ -237,7 +237,7 @@ def test_client_level_events_reuse_participants_for_every_step():
         sampling="shuffle",
         client_sampling="poisson",
     )
-    plan = plan_privacy(dp, MethodLeaves("fedotp", ("local",), ("global",)), shape)
+    plan = plan_privacy(dp, MethodLeaves("fedotp-lite", ("local",), ("global",)), shape)
     ledger = Accountant("rdp")
     for _ in range(20):
         for s, q, n in plan.client_level_events():
@@ -361,7 +361,7 @@ def test_reported_epsilon_bounds_an_independent_pld_computation(
         f"federation.participation={participation}",
         f"dp.client_clip={client_clip}",
         f"dp.global_dp={str(global_dp).lower()}",
-        "train.methods=['fedotp']",
+        "train.methods=['fedotp-lite']",
     ]
     cfg = load_config(None, overrides + ["federation.n_clients=3"])
     try:

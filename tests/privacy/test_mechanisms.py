@@ -98,7 +98,7 @@ def _outlier_batch(sim, batch: Batch) -> tuple[Batch, Batch]:
         ("feature", "dpfpl"),
         ("per-sample", "coop"),
         ("per-sample", "dpfpl"),
-        ("per-sample", "fedotp"),
+        ("per-sample", "fedotp-lite"),
     ],
 )
 def test_one_outlier_moves_the_pre_noise_sum_by_at_most_c(world, mechanism, name):
@@ -169,7 +169,7 @@ def test_reference_mode_reproduces_batch_clipping(world):
 
 
 def test_per_sample_gradients_match_a_loop_over_samples(world):
-    sim = _sim(world, "fedotp")
+    sim = _sim(world, "fedotp-lite")
     clip = 0.05
     step = _step(sim)
     dp, _ = PerSampleDP(clip, 0.0, ("local",))(step, torch.ones(2), _noise(2))

@@ -19,7 +19,7 @@ only through the context, and the context only through the class text features.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
@@ -28,6 +28,7 @@ import torch
 
 if TYPE_CHECKING:
     from pfpl.backbones.prompt_tower import PromptTower
+    from pfpl.privacy.mechanisms import Head
 
 
 class Scope(StrEnum):
@@ -61,6 +62,9 @@ class Views:
     leaves: dict[str, torch.Tensor]  # each [B, ...], requires grad
     ctx: torch.Tensor  # [B, M, D] (one context for all classes) or [B, C, M, D], a function of the leaves
     aux: dict[str, torch.Tensor] = field(default_factory=dict)  # constants the gradient map needs
+    #: ``[B, depth, P, W]`` vision prompts for the image tower (vision / multimodal methods), a function of
+    #: the leaves; None: the image features are the cached, prompt-free ones
+    vision: torch.Tensor | None = None
 
 
 @dataclass
@@ -72,6 +76,12 @@ class MethodSettings:
     fedpgp_mu: float = 1.0
     fedpgp_temperature: float = 0.5
     extra: dict = field(default_factory=dict)  # method-specific settings (e.g. SecFPP's clustering)
+    #: which towers a method with a choice prompts (``prompt.modality``: DP-FPL, DP-LoRA)
+    modality: str = "text"
+    #: ``(depth, tokens, width)`` of one vision prompt set (None: the run has no vision prompts)
+    vision_shape: tuple[int, int, int] | None = None
+    #: the hand-crafted template, the text classifier of a method that prompts only the image tower
+    template: str = "a photo of a {}."
 
 
 class Method(ABC):
@@ -159,6 +169,18 @@ class Method(ABC):
         with torch.no_grad():
             return self.views(params, gens).ctx
 
+    #: whether the method's views carry vision prompts (then its image features depend on them)
+    @property
+    def prompts_vision(self) -> bool:
+        return False
+
+    def vision_prompts(self, params: dict[str, torch.Tensor], gens: Sequence[torch.Generator]) -> torch.Tensor | None:
+        """``[B, depth, P, W]``: the vision prompts a client releases and is evaluated with (None: none)."""
+        if not self.prompts_vision:
+            return None
+        with torch.no_grad():
+            return self.views(params, gens).vision
+
     def extra_loss(
         self, views: Views, text_features: torch.Tensor, tower: PromptTower, reference: torch.Tensor | None
     ) -> torch.Tensor | None:
@@ -168,6 +190,21 @@ class Method(ABC):
     def stages(self) -> tuple[Stage, ...]:
         """The stages of a local round, each on its own share of the round's batches (default: one)."""
         return (Stage("all"),)
+
+    def prepare(self, tower: PromptTower) -> None:
+        """Constants a method derives once from the frozen tower and the class names (FedTPG's class-name
+        features); the client update calls it before any step (default: nothing)."""
+        return None
+
+    def head(self, views: Views, text_features: torch.Tensor, batch) -> Head | None:
+        """The method's own classifier for a training step on ``batch`` (a :class:`~pfpl.data.clients.Batch`),
+        when its logits are not ``scale · x · T`` (pFedMoAP's gate, FedOTP's transport plan); None: they are."""
+        return None
+
+    def begin_round(self, local: dict[str, torch.Tensor]) -> None:
+        """Before a client update's steps: a method may restart local parameters in place (pFedMoAP's
+        prompt restarts from the federation's mean it received); default: nothing."""
+        return None
 
     def text_features(self, tower: PromptTower, views: Views) -> torch.Tensor:
         """``[B, C, E]`` class text features of the views' contexts (FedSP runs each client's own text body)."""
@@ -200,6 +237,40 @@ class Method(ABC):
         """What this method's released prompt reveals by its structure and treats as public (a private
         run's certificate lists it; empty: nothing beyond :data:`pfpl.privacy.plan.PUBLIC`)."""
         return ()
+
+
+@dataclass
+class Classifier:
+    """Released classifiers that are not one class-text-feature matrix per client (their logits depend
+    on the image: pFedMoAP's gate, FedOTP's transport plan). ``scores(row, features, index)`` gives client
+    row ``row``'s ``[n, C]`` class scores of ``features``' records ``index``; evaluation takes it where it
+    takes text features ``[N, C, E]`` (``classifier[row].scores(features, index)``)."""
+
+    fn: Callable  # (row, features, index) -> [n, C]
+    rows: int
+    #: scores by the records' patch features (``Features.tokens``: FedOTP), which the caller attaches
+    needs_tokens: bool = False
+
+    def to(self, device) -> Classifier:
+        return self
+
+    def dim(self) -> int:
+        return 3
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __getitem__(self, row: int) -> _Row:
+        return _Row(self, int(row))
+
+
+@dataclass
+class _Row:
+    classifier: Classifier
+    row: int
+
+    def scores(self, features, index: torch.Tensor) -> torch.Tensor:
+        return self.classifier.fn(self.row, features, index)
 
 
 def normal(shape: tuple[int, ...], std: float, gen: torch.Generator) -> torch.Tensor:

@@ -13,8 +13,10 @@ product is the full model with the final prompt, which is what every client is e
 
 What is batched: one autograd graph and one optimizer step for all clients, but the text tower runs
 once per client (each on its own body, through ``torch.func.functional_call``): B tower calls a
-step instead of one. Variants: ``fedsp-nokd`` (the auxiliary model is not distilled) and
-``fedsp-noalign`` (no alignment stage: the body stays as distilled).
+step instead of one. Variants: ``fedsp-nokd`` (the auxiliary model is not distilled),
+``fedsp-noalign`` (no alignment stage: the body stays as distilled), and two controls that say where
+the product comes from: ``fedsp-server-only`` (clients train nothing) and ``fedsp-clients-only`` (no
+server fine-tuning).
 """
 
 from __future__ import annotations
@@ -109,6 +111,28 @@ class FedSPNoAlign(FedSP):
 
     name = "fedsp-noalign"
     align = False
+
+
+class FedSPServerOnly(FedSP):
+    """Control: the clients train nothing (their prompt uploads are the prompt they received), so the
+    product is the server's fine-tuning on its own data alone; no distillation (no client uses the
+    auxiliary model). What FedSP adds over this is what the federation adds."""
+
+    name = "fedsp-server-only"
+    distilled = False
+
+    def stages(self):
+        return (Stage("none: the server alone trains", ()),)
+
+
+class FedSPClientsOnly(FedSP):
+    """Control: no server fine-tuning; the product is the average of the clients' prompts, trained on
+    their distilled auxiliary models, plugged into the full model."""
+
+    name = "fedsp-clients-only"
+
+    def server_phases(self):
+        return []
 
 
 @dataclass

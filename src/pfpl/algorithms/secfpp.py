@@ -134,6 +134,36 @@ class SecFPPGlobal(SecFPP):
     secure_clustering = None
 
 
+class SecFPPClientPrompt(SecFPP):
+    """Ablation of pfpl's reading of "class-level": one local prompt per client (shared by all its
+    classes) instead of one offset per held class. Its structure does not depend on the label set,
+    so a private run needs no every-class rows."""
+
+    name = "secfpp-client"
+
+    def __init__(self, settings=None):
+        super().__init__(settings)
+        self.params = (Param("domain", Scope.GROUP), Param("client", Scope.LOCAL, private=True))
+
+    def init_local(self, n_ctx, dim, gen, held=None):
+        return {"client": torch.zeros(n_ctx, dim)}  # starts at the domain prompt
+
+    def class_level(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        return params["client"][:, None]  # [B, 1, M, D]: the same for every class
+
+    def views(self, params, gens):
+        domain, own = leaf(params["domain"]), leaf(params["client"])
+        return Views({"domain": domain, "client": own}, domain + own)
+
+    def cluster_row(self, local: dict[str, torch.Tensor], data, row: int, client: int) -> np.ndarray:
+        if self.cluster_on == "images":
+            return super().cluster_row(local, data, row, client)
+        return local["client"][row].flatten().double().cpu().numpy()
+
+    def public_facts(self) -> tuple[str, ...]:
+        return ()
+
+
 SECPC = "secpc"  # the kind of a clustering's requests to the clients (Transport.ask)
 
 

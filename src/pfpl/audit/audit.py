@@ -314,6 +314,20 @@ def audit_run(
     for m in methods:
         if m not in ran:
             raise AuditError(f"method {m!r} is not in run {run_dir} (it has: {', '.join(ran)})")
+        from pfpl.algorithms import spec
+
+        if not spec(m).one_context:
+            raise AuditError(
+                f"{m}'s released classifier is more than one context (several prompts combined by its own rule); "
+                "the audit queries one context's class features and cannot attack it yet"
+            )
+        from pfpl.algorithms import prompts_vision
+
+        if prompts_vision(m, cfg.prompt.modality):
+            raise AuditError(
+                f"{m}'s release holds vision prompts, which change the image features the audit's attacks read; "
+                "the audit cannot attack it yet"
+            )
         if not folder.prompts_file(m).is_file():
             raise AuditError(f"run {run_dir} has no released prompts for {m!r} ({folder.prompts_file(m).name})")
         prompts[m] = folder.load_prompts(m)

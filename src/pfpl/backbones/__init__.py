@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from pfpl.backbones.embedded import EMBEDDED_NAME, load_embedded
+from pfpl.backbones.embedded import EMBEDDED_NAME, VARIANTS, load_embedded
 from pfpl.backbones.openclip import OpenClipBackbone, TextTower, load_open_clip
 from pfpl.backbones.prompt_tower import PromptTower
 from pfpl.errors import BackboneError
@@ -32,7 +32,8 @@ def load_backbone(
     cache_dir: str | None = None,
     image_size: int | None = None,
 ) -> OpenClipBackbone:
-    """The frozen backbone ``name``: 'embedded' (offline default) or any open_clip model name.
+    """The frozen backbone ``name``: 'embedded' (offline default), 'embedded-vit' (its ViT variant, which
+    can carry vision prompts) or any open_clip model name.
 
     ``pretrained`` is a local checkpoint or an already-cached tag (open_clip models) or a folder of
     embedded weights; without it an open_clip model has random weights. ``image_size`` rebuilds the
@@ -40,19 +41,23 @@ def load_backbone(
     weights are for 64 px).
     """
     device = resolve_device(device)
-    if name != EMBEDDED_NAME:
+    if name not in VARIANTS:
         return load_open_clip(name, pretrained, device, cache_dir, image_size)
     import open_clip
     from open_clip.tokenizer import SimpleTokenizer
 
-    from pfpl.backbones.embedded import EMBEDDED_CONFIG, build_model
+    from pfpl.backbones.embedded import build_model
 
     if image_size is None:
-        model, manifest = load_embedded(Path(pretrained) if pretrained else None)
-        cfg, label = manifest["config"], EMBEDDED_NAME
+        try:
+            model, manifest = load_embedded(Path(pretrained) if pretrained else None, name)
+        except FileNotFoundError as err:  # e.g. embedded-vit before its weights are pretrained
+            raise BackboneError(str(err)) from None
+        cfg, label = manifest["config"], name
     else:
-        cfg = {**EMBEDDED_CONFIG, "vision_cfg": {**EMBEDDED_CONFIG["vision_cfg"], "image_size": image_size}}
-        model, label = build_model(cfg), f"{EMBEDDED_NAME}:random"
+        arch = VARIANTS[name]
+        cfg = {**arch, "vision_cfg": {**arch["vision_cfg"], "image_size": image_size}}
+        model, label = build_model(cfg), f"{name}:random"
     preprocess = open_clip.image_transform(cfg["vision_cfg"]["image_size"], is_train=False)
     tokenizer = SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"])
     return OpenClipBackbone(model, label, preprocess, tokenizer, device)

@@ -51,11 +51,14 @@ def pretrain(
     settings: dict[str, Any] | None = None,
     workers: int = 2,
     log: Callable[[str], None] = print,
+    config: dict[str, Any] | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Train the embedded architecture from scratch; returns the model and its training record."""
+    """Train an embedded architecture (default: ``EMBEDDED_CONFIG``) from scratch; returns the model and
+    its training record."""
     s = {**PRETRAIN_DEFAULTS, **(settings or {})}
+    config = config or EMBEDDED_CONFIG
     torch.manual_seed(s["seed"])
-    spec = shapes.WorldSpec(seed=s["seed"], image_size=EMBEDDED_CONFIG["vision_cfg"]["image_size"])
+    spec = shapes.WorldSpec(seed=s["seed"], image_size=config["vision_cfg"]["image_size"])
     labels, domains = shapes.sample_layout(s["images_per_class_domain"])
     t0 = time.time()
     images = shapes.render_parallel(spec, "pretrain", labels, domains, workers)
@@ -66,9 +69,9 @@ def pretrain(
     val_x = to_input(shapes.render_stream(spec, "val", vl, vd))
     val_y = torch.from_numpy(vl)
 
-    model = build_model()
+    model = build_model(config)
     text = TextTower.of(model)
-    tokenizer = SimpleTokenizer(context_length=EMBEDDED_CONFIG["text_cfg"]["context_length"])
+    tokenizer = SimpleTokenizer(context_length=config["text_cfg"]["context_length"])
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "logit_scale" in n]
     opt = torch.optim.AdamW(

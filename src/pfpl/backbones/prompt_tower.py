@@ -35,6 +35,9 @@ class PromptTower:
         self.truncate = truncate
         self.max_sequences = max_sequences
         self.share_prefix = share_prefix and truncate and prefix_tower.supports(backbone.text)
+        #: the prompted image tower of a run with vision prompts (:mod:`pfpl.backbones.vision_tower`), set
+        #: by whoever builds the run; None: image features are the cached, prompt-free ones
+        self.vision = None
         placeholder = " ".join(["X"] * n_ctx)
         tokens = backbone.tokenize([f"{placeholder} {name}." for name in classnames])
         self.eot = backbone.text.eot_positions(tokens)

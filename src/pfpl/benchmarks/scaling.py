@@ -112,18 +112,22 @@ def measure(
     }
 
 
-def _in_child(n: int, max_sequences: int, steps: int, repeats: int, device: str, overrides: Sequence[str]) -> dict:
-    """``measure`` in a fresh interpreter, so that the row's peak memory is its own."""
-    args = json.dumps([n, max_sequences, steps, repeats, device, list(overrides)])
-    code = (
-        f"import json; from pfpl.benchmarks.scaling import measure; print(json.dumps(measure(*json.loads({args!r}))))"
-    )
+def in_child(module: str, args: list, what: str) -> dict:
+    """``measure(*args)`` of ``pfpl.benchmarks.<module>`` in a fresh interpreter, so that the row's
+    peak memory is its own; a failed row is one BenchError naming ``what``."""
+    payload = json.dumps(args)
+    call = f"measure(*json.loads({payload!r}))"
+    code = f"import json; from pfpl.benchmarks.{module} import measure; print(json.dumps({call}))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if done.returncode != 0:
         from pfpl.errors import BenchError
 
-        raise BenchError(f"the {n}-client row failed:\n{done.stderr.strip()[-2000:]}")
+        raise BenchError(f"the {what} failed:\n{done.stderr.strip()[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _in_child(n: int, max_sequences: int, steps: int, repeats: int, device: str, overrides: Sequence[str]) -> dict:
+    return in_child("scaling", [n, max_sequences, steps, repeats, device, list(overrides)], f"{n}-client row")
 
 
 def run_scaling_bench(

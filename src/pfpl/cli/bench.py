@@ -95,6 +95,12 @@ def add_parser(sub) -> None:
         action="store_true",
         help="time a round on a local Flower federation against the simulator, with and without secure aggregation",
     )
+    p.add_argument(
+        "--vision",
+        action="store_true",
+        help="seconds per round and peak memory of vision- and both-tower prompts against text prompts (10, 100 "
+        "clients)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=command)
 
@@ -123,6 +129,7 @@ STANDALONE = (
     "secpc",
     "secagg",
     "scaling",
+    "vision",
 )  # --flower, …: each module has run_<flag>_bench, format_<flag>
 
 

@@ -14,6 +14,12 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, help="training steps (default from the recipe)")
     p.add_argument("--workers", type=int, default=2, help="rendering processes")
     p.add_argument("--no-quality", action="store_true", help="skip measuring quality into the manifest")
+    p.add_argument(
+        "--variant",
+        default="embedded",
+        choices=["embedded", "embedded-vit"],
+        help="embedded (ResNet image tower, the default) or embedded-vit (a ViT that can carry vision prompts)",
+    )
     p.set_defaults(func=command)
 
 
@@ -21,7 +27,7 @@ def command(args: argparse.Namespace) -> int:
     import sys
 
     from pfpl.backbones import load_backbone
-    from pfpl.backbones.embedded import EMBEDDED_CONFIG, assets_dir, record_quality, save_embedded
+    from pfpl.backbones.embedded import VARIANTS, assets_dir, record_quality, save_embedded
     from pfpl.backbones.pretrain import pretrain
     from pfpl.config import Config
     from pfpl.data import build_dataset
@@ -30,19 +36,27 @@ def command(args: argparse.Namespace) -> int:
     settings = {"seed": args.seed}
     if args.steps:
         settings["steps"] = args.steps
-    model, record = pretrain(settings, workers=args.workers, log=lambda line: print(line, file=sys.stderr, flush=True))
+    model, record = pretrain(
+        settings,
+        workers=args.workers,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+        config=VARIANTS[args.variant],
+    )
+    flags = (f" --seed {args.seed}" if args.seed else "") + (
+        f" --variant {args.variant}" if args.variant != "embedded" else ""
+    )
     manifest = {
-        "name": "embedded",
-        "config": EMBEDDED_CONFIG,
+        "name": args.variant,
+        "config": VARIANTS[args.variant],
         "pretraining": record,
-        "command": "pfpl pretrain-embedded" + (f" --seed {args.seed}" if args.seed else ""),
+        "command": "pfpl pretrain-embedded" + flags,
     }
     save_embedded(model, manifest, out)
     if not args.no_quality:
         from pfpl.evaluation.quality import measure_quality
 
         cfg = Config()
-        backbone = load_backbone("embedded", str(out), "cpu")
+        backbone = load_backbone(args.variant, str(out), "cpu")
         quality = measure_quality(backbone, build_dataset(cfg.data), cfg.cache_dir, template=cfg.prompt.template)
         record_quality(manifest, quality, "pfpl quality", out)  # the weights are already written
     print(json.dumps({k: manifest.get(k) for k in ("quality",)}, indent=2))

@@ -9,6 +9,7 @@ from pathlib import Path
 from pfpl.artifacts import check_run_folder
 from pfpl.cli.common import add_config_args, config_of, interactive, progress_bar
 from pfpl.errors import ConfigError
+from pfpl.evaluation import SCORES
 from pfpl.privacy.rules import validate_dp
 
 
@@ -64,12 +65,16 @@ def print_table(summary: dict) -> None:
     from rich.table import Table
 
     setup = summary["setup"]
+    when = "mean of the last 10 rounds" if setup.get("report") == "mean-last-10" else "final round"
+    split = (f", {setup['novel_classes']} novel classes held out" if setup.get("novel_classes") else "") + (
+        f", domain {setup['held_out_domain']!r} held out" if setup.get("held_out_domain") else ""
+    )
     table = Table(
         title=f"{setup['backbone']} on {setup['dataset']}: {setup['n_clients']} clients, "
-        f"{setup['partition']} split, {setup['rounds']} rounds (mean ± std over clients)"
+        f"{setup['partition']} split{split}, {setup['rounds']} rounds, {when} (mean ± std over clients)"
     )
     rows = [("zero-shot", summary["zero_shot"])] + list(summary["methods"].items())
-    columns = [k for k in ("local", "neighbor", "neighbor_same_domain", "cross_domain") if k in rows[0][1]]
+    columns = [k for k in SCORES if k in rows[0][1]]
     table.add_column("method")
     for key in columns:
         table.add_column(key.replace("_", " "), justify="right")
@@ -78,7 +83,10 @@ def print_table(summary: dict) -> None:
         table.add_column("ARI", justify="right")
 
     def cell(m: dict, key: str) -> str:
-        return "—" if m.get(key) is None else f"{m[key]:.2%} ± {m[f'{key}_std']:.2%}"
+        if m.get(key) is None:
+            return "—"
+        std = m.get(f"{key}_std")
+        return f"{m[key]:.2%}" + ("" if std is None else f" ± {std:.2%}")
 
     for name, m in rows:
         privacy = m.get("privacy", {})

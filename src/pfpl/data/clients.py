@@ -34,14 +34,17 @@ SAMPLING_MODES = ("shuffle", "poisson")
 
 @dataclass
 class Batch:
-    """One step's records for B clients: features ``[B, b, E]``, labels ``[B, b]``, mask ``[B, b]``."""
+    """One step's records for B clients: features ``[B, b, E]``, labels ``[B, b]``, mask ``[B, b]``, and
+    where the run prompts the image tower the cached prompt-free part of its input ``[B, b, T, W]``."""
 
     x: torch.Tensor
     y: torch.Tensor
     mask: torch.Tensor
+    tokens: torch.Tensor | None = None
 
     def rows(self, i: int, j: int) -> Batch:
-        return Batch(self.x[i:j], self.y[i:j], self.mask[i:j])
+        tokens = self.tokens[i:j] if self.tokens is not None else None
+        return Batch(self.x[i:j], self.y[i:j], self.mask[i:j], tokens)
 
 
 def expected_batch(size: int, batch_size: int) -> int:
@@ -79,10 +82,18 @@ def client_batches(
 
 
 class ClientData:
-    """Per-client index arrays into one table of cached image features, on the engine's device."""
+    """Per-client index arrays into one table of cached image features, on the engine's device; with
+    ``tokens`` (``[N, T, W]``, :mod:`pfpl.backbones.vision_tower`) every batch carries its records' too."""
 
-    def __init__(self, features: Features, clients: Sequence[np.ndarray], device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        features: Features,
+        clients: Sequence[np.ndarray],
+        device: torch.device | str = "cpu",
+        tokens: torch.Tensor | None = None,
+    ):
         self.device = torch.device(device)
+        self.tokens = tokens.to(self.device) if tokens is not None else None
         self.features = features.features.to(self.device)
         self.labels = features.labels.to(self.device)
         self.clients = [torch.as_tensor(np.asarray(ix), dtype=torch.long) for ix in clients]
@@ -127,17 +138,20 @@ class ClientData:
         for s in only if only is not None else range(steps):
             takes = [self.clients[c][positions[i][s]] for i, c in enumerate(ids)]
             width = batch_size if sampling == "shuffle" else max([1] + [len(t) for t in takes])
-            xs, ys, ms = [], [], []
+            xs, ys, ms, ts = [], [], [], []
             for t in takes:
                 x, y = self.load(t)
                 pad = width - len(t)
                 xs.append(F.pad(x, (0, 0, 0, pad)))
                 ys.append(F.pad(y, (0, pad)))
                 ms.append(torch.cat([torch.ones(len(t)), torch.zeros(pad)]).to(self.device))
+                if self.tokens is not None:
+                    ts.append(F.pad(self.tokens[t.to(self.device)], (0, 0, 0, 0, 0, pad)))
             if not ids:
                 out.append(Batch(self.features[:0, None], self.labels[:0, None], torch.zeros(0, 1, device=self.device)))
             else:
-                out.append(Batch(torch.stack(xs), torch.stack(ys), torch.stack(ms)))
+                tokens = torch.stack(ts) if ts else None
+                out.append(Batch(torch.stack(xs), torch.stack(ys), torch.stack(ms), tokens))
         return out
 
 

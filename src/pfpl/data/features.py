@@ -40,16 +40,21 @@ class Features:
     features: torch.Tensor  # [N, E] float32
     labels: torch.Tensor  # [N] int64
     domains: torch.Tensor  # [N] int64
+    #: [N, P, E] the records' patch features, where a method needs them (FedOTP; cached apart, see
+    #: :class:`pfpl.backbones.patches.PatchEncoder`); None: pooled features only
+    tokens: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, index: torch.Tensor | np.ndarray) -> Features:
         index = torch.as_tensor(index, dtype=torch.long).to(self.features.device)
-        return Features(self.features[index], self.labels[index], self.domains[index])
+        tokens = self.tokens[index.to(self.tokens.device)] if self.tokens is not None else None
+        return Features(self.features[index], self.labels[index], self.domains[index], tokens)
 
     def to(self, device: torch.device | str) -> Features:
-        return Features(self.features.to(device), self.labels.to(device), self.domains.to(device))
+        tokens = self.tokens.to(device) if self.tokens is not None else None
+        return Features(self.features.to(device), self.labels.to(device), self.domains.to(device), tokens)
 
 
 def cache_key(encoder: ImageEncoder, dataset: VisionDataset, split: str) -> str:

@@ -147,6 +147,37 @@ def make_partition(
     return Partition(clients, scheme, {"seed": int(seed), "n_clients": n_clients, **params})
 
 
+def novel_classes(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Base-to-novel: a seeded ``round(fraction · C)`` of the classes present in ``labels``, held out of
+    every client's training data (sorted class ids; empty for ``fraction = 0``). At least one class
+    stays on each side, else it is an error."""
+    classes = np.unique(np.asarray(labels))
+    if not 0 <= fraction < 1:
+        raise PartitionError(f"novel_fraction={fraction!r} must be in [0, 1)")
+    if fraction == 0:
+        return np.empty(0, np.int64)
+    k = int(round(fraction * len(classes)))
+    if not 1 <= k < len(classes):
+        raise PartitionError(
+            f"novel_fraction={fraction:g} of {len(classes)} classes holds out {k}; at least one class must be "
+            "novel and one base"
+        )
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xB2A5E]))
+    return np.sort(rng.choice(classes, size=k, replace=False)).astype(np.int64)
+
+
+def training_pool(
+    labels: np.ndarray, domains: np.ndarray, held_classes: np.ndarray, held_domains: np.ndarray
+) -> np.ndarray:
+    """Indices of the records any party may train on: those of neither a held-out (novel) class nor a
+    held-out domain. Empty is an error."""
+    labels, domains = _check_labels(labels, domains)
+    pool = np.flatnonzero(~np.isin(labels, held_classes) & ~np.isin(domains, held_domains)).astype(np.int64)
+    if len(pool) == 0:
+        raise PartitionError("holding out the novel classes and the held-out domain leaves no training records")
+    return pool
+
+
 def client_test_sets(
     partition: Partition,
     train_labels: np.ndarray,

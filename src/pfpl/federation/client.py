@@ -20,6 +20,7 @@ import torch
 from pfpl.algorithms.base import Method
 from pfpl.backbones.prompt_tower import PromptTower
 from pfpl.data.clients import Batch
+from pfpl.errors import BackboneError
 from pfpl.messages import Upload
 from pfpl.privacy.mechanisms import BatchMean, GradientMechanism, StepLoss
 from pfpl.streams import Purpose, Streams, client_streams
@@ -111,6 +112,12 @@ class ClientUpdate:
         self.method, self.tower, self.s, self.scale = method, tower, settings, scale
         self.reference = reference  # hand-crafted prompt text features [C, E] (FedPGP)
         self.mechanism = mechanism or BatchMean()
+        if method.prompts_vision and tower.vision is None:
+            raise BackboneError(
+                f"{method.name} prompts the image tower, but this transport set up no prompted image tower "
+                "(vision prompts run in the simulator: pfpl run)"
+            )
+        method.prepare(tower)
 
     def gradients(
         self,
@@ -128,7 +135,9 @@ class ClientUpdate:
         text = self.method.text_features(self.tower, views)
         extra = self.method.extra_loss(views, text, self.tower, self.reference)
         noise = streams.rows(Purpose.SAMPLE_NOISE, clients, round_index, step)
-        leaf_grads, loss = self.mechanism(StepLoss(views.leaves, text, batch, self.scale, extra), normaliser, noise)
+        head = self.method.head(views, text, batch)  # None: the logits are scale · x · T
+        step_loss = StepLoss(views.leaves, text, batch, self.scale, extra, views.vision, self.tower.vision, head)
+        leaf_grads, loss = self.mechanism(step_loss, normaliser, noise)
         return self.method.param_grads(views, leaf_grads), loss
 
     def __call__(
@@ -150,12 +159,16 @@ class ClientUpdate:
         fedavg = s.sync == "fedavg"
         normaliser = sizes.to(torch.float32).clamp(max=s.batch_size)
         copies = {n: v.clone() for n, v in shared.items()}
+        self.method.begin_round(state.params)
         grads: dict[str, torch.Tensor] = {}
         losses = []
         stages = self.method.stages()
         per_stage = max(1, len(batches) // len(stages))
+        idle = all(stage.trainable == () for stage in stages)  # a control that trains nothing (FedSP's server alone)
         for k, batch in enumerate(batches):
             trains = stages[min(k // per_stage, len(stages) - 1)].trainable
+            if idle:
+                continue
             grads, loss = self.gradients(
                 {**copies, **state.params}, state.clients, batch, normaliser, round_index, first_step + k, streams
             )
@@ -172,7 +185,7 @@ class ClientUpdate:
             if fedavg:
                 values = {n: copies[n] - shared[n] for n in shared}
             else:
-                values = {n: grads[n].detach() for n in shared}
+                values = {n: grads[n].detach() if n in grads else torch.zeros_like(shared[n]) for n in shared}
         extras = self.method.upload_extras(state.params)
         loss = torch.stack(losses).mean(0) if losses else sizes * 0
         if s.private:  # a diagnostic no mechanism covers (client-level DP's mechanism is not the client's)

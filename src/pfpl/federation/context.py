@@ -4,6 +4,8 @@ clip each method measures on the val split."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
@@ -13,10 +15,12 @@ from pfpl.config import Config
 from pfpl.data import build_dataset
 from pfpl.data.clients import ClientData
 from pfpl.data.features import Features, image_features
-from pfpl.data.partitions import make_partition
+from pfpl.data.partitions import make_partition, novel_classes, training_pool
+from pfpl.errors import ConfigError
 from pfpl.evaluation.federated import EvalPlan, evaluate_clients
 from pfpl.evaluation.zeroshot import zero_shot_text_features
 from pfpl.federation.simulator import Simulator
+from pfpl.federation.vision import build_vision, evaluate_with_vision, split_tokens, vision_methods
 from pfpl.federation.wiring import build_engine, method_settings, plan_for, train_settings
 from pfpl.privacy.clipping import quantile_clip, record_gradient_norms
 from pfpl.privacy.modes import mode_of
@@ -36,10 +40,14 @@ class Benchmark:
         self.train = image_features(self.backbone, self.dataset, "train", cfg.cache_dir)
         self.test = image_features(self.backbone, self.dataset, "test", cfg.cache_dir).to(self.device)
         f = cfg.federation
-        pool = np.arange(len(self.train))
+        labels, domains = self.train.labels.numpy(), self.train.domains.numpy()
+        #: base-to-novel and leave-one-domain-out: what no party trains on (the split is the data's)
+        self.novel = novel_classes(labels, cfg.evaluation.novel_fraction, cfg.seed)
+        self.held_out_domains = held_out_domain_ids(self.dataset.domainnames, cfg.evaluation.held_out_domain)
+        pool = training_pool(labels, domains, self.novel, self.held_out_domains)
         self.server_index: np.ndarray | None = None
         if any(spec(m).auxiliary for m in cfg.train.methods) and cfg.fedsp.server_data == "shard":
-            self.server_index = server_shard(self.train, cfg.fedsp.server_fraction, cfg.seed)
+            self.server_index = np.intersect1d(server_shard(self.train, cfg.fedsp.server_fraction, cfg.seed), pool)
             pool = np.setdiff1d(pool, self.server_index)
         partition = make_partition(
             self.train.labels.numpy()[pool],
@@ -56,7 +64,8 @@ class Benchmark:
         self._val: Features | None = None
         self._val_plan: EvalPlan | None = None
         self._clips: dict[str, float] = {}  # dp.clip_quantile: the clip measured for each method
-        self.plan = EvalPlan.build(self.partition, self.train, self.test)
+        self._patches: dict[str, torch.Tensor] = {}  # FedOTP: each split's patch features, loaded once
+        self.plan = EvalPlan.build(self.partition, self.train, self.test, self.novel, self.held_out_domains)
         self.tower = PromptTower(
             self.backbone,
             self.dataset.classnames,
@@ -65,6 +74,10 @@ class Benchmark:
             share_prefix=cfg.train.share_prefix,
         )
         self.reference = zero_shot_text_features(self.backbone, self.dataset.classnames, cfg.prompt.template)
+        #: vision prompts: the prompted image tower and each split's cached prompt-free tokens
+        self.vision = build_vision(cfg, self.backbone) if vision_methods(cfg) else None
+        self.tower.vision = self.vision
+        self._tokens: dict[str, torch.Tensor] = {}
 
     def counts_table(self) -> list[dict]:
         return self.partition.counts_table(
@@ -72,7 +85,16 @@ class Benchmark:
         )
 
     def client_data(self) -> ClientData:
-        return ClientData(self.train, self.partition.clients, self.device)
+        tokens = self.tokens("train") if self.vision is not None else None
+        return ClientData(self.train, self.partition.clients, self.device, tokens=tokens)
+
+    def tokens(self, split: str) -> torch.Tensor:
+        """``[N, T, W]`` a split's prompt-free image tokens (runs with vision prompts), cached on disk."""
+        if split not in self._tokens:
+            self._tokens[split] = split_tokens(self.vision, self.backbone, self.dataset, split, self.cfg.cache_dir).to(
+                self.device
+            )
+        return self._tokens[split]
 
     def privacy_plan(self, method_name: str) -> PrivacyPlan:
         cfg = self.method_config(method_name)
@@ -133,20 +155,64 @@ class Benchmark:
                 self.reference,
                 method=cls(settings),
             )
+        if spec(method_name).patches:  # FedOTP: every batch carries its records' patch features
+            data = ClientData(self.train, self.partition.clients, self.device, tokens=self.patches("train"))
+            return build_engine(cfg, method_name, self.tower, data, self.backbone.logit_scale, self.reference)
         return build_engine(cfg, method_name, self.tower, self.client_data(), self.backbone.logit_scale, self.reference)
 
-    def evaluate(self, text_features: torch.Tensor) -> dict:
-        return evaluate_clients(text_features, self.test, self.plan)
+    def patches(self, split: str) -> torch.Tensor:
+        """``[N, P, E]`` a split's patch features (FedOTP), cached on disk beside the pooled ones
+        (:class:`~pfpl.backbones.patches.PatchEncoder`: P·E floats per image instead of E)."""
+        if split not in self._patches:
+            from pfpl.backbones.patches import PatchEncoder
 
-    def validate(self, method_name: str, text_features: torch.Tensor) -> dict | None:
+            flat = image_features(PatchEncoder(self.backbone), self.dataset, split, self.cfg.cache_dir).features
+            e = self.test.features.shape[-1]
+            self._patches[split] = flat.view(flat.shape[0], -1, e).to(self.device)
+        return self._patches[split]
+
+    def _scored(self, features: Features, split: str, classifier) -> Features:
+        """``features`` with their patch features where the classifier scores by them (FedOTP)."""
+        if getattr(classifier, "needs_tokens", False):
+            return replace(features, tokens=self.patches(split))
+        return features
+
+    def evaluate(self, text_features: torch.Tensor, vision: torch.Tensor | None = None) -> dict:
+        """Test accuracies of every client's class text features (and vision prompts, if any)."""
+        if vision is not None:
+            return evaluate_with_vision(text_features, vision, self.test, self.tokens("test"), self.plan, self.vision)
+        return evaluate_clients(text_features, self._scored(self.test, "test", text_features), self.plan)
+
+    def validate(
+        self, method_name: str, text_features: torch.Tensor, vision: torch.Tensor | None = None
+    ) -> dict | None:
         """Mean local / neighbor accuracy on the val split, where hyper-parameters are chosen (never on
         test); None when the method's server trained on val (FedSP with ``fedsp.server_data = 'val'``)."""
         if spec(method_name).auxiliary and self.cfg.fedsp.server_data == "val":
             return None
         if self._val_plan is None:
-            self._val_plan = EvalPlan.build(self.partition, self.train, self.val)
-        result = evaluate_clients(text_features, self.val, self._val_plan)
+            self._val_plan = EvalPlan.build(self.partition, self.train, self.val, self.novel, self.held_out_domains)
+        if vision is not None:
+            result = evaluate_with_vision(
+                text_features, vision, self.val, self.tokens("val"), self._val_plan, self.vision
+            )
+        else:
+            result = evaluate_clients(text_features, self._scored(self.val, "val", text_features), self._val_plan)
         return {k: result[k] for k in ("local", "neighbor") if k in result}
+
+
+def held_out_domain_ids(domainnames: list[str], name: str | None) -> np.ndarray:
+    """The id of ``evaluation.held_out_domain`` among the dataset's domains (none: empty)."""
+    if name is None:
+        return np.empty(0, np.int64)
+    if name not in domainnames:
+        raise ConfigError(
+            f"config error: evaluation.held_out_domain = {name!r} is not a domain of this dataset; "
+            f"its domains: {', '.join(domainnames)}"
+        )
+    if len(domainnames) < 2:
+        raise ConfigError("config error: evaluation.held_out_domain needs a dataset with at least two domains")
+    return np.asarray([domainnames.index(name)], dtype=np.int64)
 
 
 def server_shard(train: Features, fraction: float, seed: int) -> np.ndarray:

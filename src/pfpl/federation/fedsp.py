@@ -46,12 +46,29 @@ def server_split(bench) -> tuple[Features, list[str], torch.Tensor]:
         split, index = "train", bench.server_index
     data = bench.dataset.split(split)
     rows = np.arange(len(data)) if index is None else np.asarray(index)
+    rows = server_rows(bench, split, rows)
     images = torch.stack([bench.backbone.preprocess(data.load(int(i))) for i in rows])
     feats = image_features(bench.backbone, bench.dataset, split, cfg.cache_dir).subset(rows)
     captions = bench.dataset.captions(split)
     texts = [cfg.prompt.template.format(c) for c in bench.dataset.classnames]
     texts += [captions[int(i)] for i in rows] if captions else []
     return feats, texts, images
+
+
+def server_rows(bench, split: str, rows: np.ndarray) -> np.ndarray:
+    """The server's rows of ``split``: none of a held-out (novel) class or domain — nobody trains on
+    those — and, with ``fedsp.server_per_class``, at most that many per class (a seeded draw)."""
+    feats = image_features(bench.backbone, bench.dataset, split, bench.cfg.cache_dir)
+    labels, domains = feats.labels.numpy()[rows], feats.domains.numpy()[rows]
+    keep = ~np.isin(labels, bench.novel) & ~np.isin(domains, bench.held_out_domains)
+    rows, labels = rows[keep], labels[keep]
+    cap = bench.cfg.fedsp.server_per_class
+    if cap is not None:
+        rng = np.random.default_rng(np.random.SeedSequence([bench.cfg.seed, 0x5E4C]))
+        rows = np.sort(np.concatenate([rng.permutation(rows[labels == c])[:cap] for c in np.unique(labels)]))
+    if len(rows) == 0:
+        raise ValueError("FedSP's server has no labelled images left after the held-out classes and domains")
+    return rows
 
 
 def build_context(bench, distilled: bool, log=None) -> FedSPContext:

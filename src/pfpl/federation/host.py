@@ -8,7 +8,8 @@ Rows are kept in the order of ``clients``; every call names clients by id. A rou
 their clients' updates in calls that fit the tower's memory budget (``max_sequences``: a call takes
 ``max_sequences // C`` clients, ``// (C × batch)`` under a mechanism that backpropagates every record
 at once), or one call per client (``one_client_calls``: what one client per node does, and the
-reference compute pattern ``pfpl bench`` times) — the results are the same either way.
+reference compute pattern ``pfpl bench`` times) — the results are the same either way. With vision
+prompts a call also takes at most ``max_images // batch`` clients (images through the prompted image layers).
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ class ClientHost:
         per_record = getattr(update.mechanism, "per_record_backward", False)
         alive = tower.num_classes * (settings.batch_size if per_record else 1)
         self.clients_per_call = max(1, tower.max_sequences // alive)
+        if method.prompts_vision and tower.vision is not None:  # images through the prompted image layers
+            self.clients_per_call = min(self.clients_per_call, max(1, tower.vision.max_images // settings.batch_size))
         n_ctx, dim = tower.n_ctx, tower.backbone.ctx_dim
         held = data.held_classes(tower.num_classes)
         rows = [
@@ -194,6 +197,12 @@ class ClientHost:
         """Each hosted client's class text features ``[H, C, E]``."""
         gens = client_streams(self.s.seed, Purpose.RELEASE, self.clients)
         return self.method.release_features(self.tower, self.released_params(shared), gens)
+
+    @torch.no_grad()
+    def release_vision(self, shared: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Each hosted client's vision prompts ``[H, depth, P, W]`` (None: the method has none)."""
+        gens = client_streams(self.s.seed, Purpose.RELEASE, self.clients)
+        return self.method.vision_prompts(self.released_params(shared), gens)
 
     # ---- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -66,7 +66,7 @@ def certificate(summary: dict, method: str, client: int, audit: dict | None) -> 
 
 def export_prompt(run_dir: Path | str, method: str, client: int) -> PromptArtifact:
     """Client ``client``'s released prompt of ``method`` in the run at ``run_dir``."""
-    from pfpl.algorithms import spec
+    from pfpl.algorithms import prompts_vision, spec
     from pfpl.config import build_config
     from pfpl.data import build_dataset
 
@@ -83,6 +83,11 @@ def export_prompt(run_dir: Path | str, method: str, client: int) -> PromptArtifa
         raise ArtifactError(
             f"{method}'s prompt is trained for its auxiliary model, not the backbone; exporting it is not supported"
         )
+    if not spec(method).one_context:
+        raise ArtifactError(
+            f"{method}'s released classifier is more than one context (several prompts combined by its own rule), "
+            "which a prompt artifact cannot hold; exporting it is not supported"
+        )
     if not folder.prompts_file(method).is_file():
         raise ArtifactError(
             f"run {run_dir} kept no released prompts for {method} (a Flower run keeps them on its SuperNodes)"
@@ -93,6 +98,11 @@ def export_prompt(run_dir: Path | str, method: str, client: int) -> PromptArtifa
         raise ArtifactError(f"--client {client} is out of range: the run has clients 0 … {n - 1}")
     state = folder.load_checkpoint()
     cfg = build_config(state["config"])
+    if prompts_vision(method, cfg.prompt.modality):
+        raise ArtifactError(
+            f"{method}'s release holds vision prompts (prompt.modality = {cfg.prompt.modality!r}), which the prompt "
+            "artifact format does not carry yet; its prompts are in the run folder's prompts file"
+        )
     fingerprint = state.get("fingerprints", {}).get("backbone")
     if not fingerprint:
         raise ArtifactError(f"run {run_dir}'s checkpoint records no backbone fingerprint (made by an older pfpl)")

@@ -11,6 +11,7 @@ import torch
 
 from pfpl.algorithms import spec
 from pfpl.artifacts import ReleasedPrompts
+from pfpl.evaluation import SCORES
 from pfpl.evaluation.federated import evaluate_clients
 from pfpl.privacy.accounting import Accountant
 from pfpl.privacy.plan import PrivacyPlan
@@ -21,7 +22,7 @@ def finite(value: float) -> float | None:
     return None if math.isinf(value) else float(value)
 
 
-HEADLINE = ("local", "neighbor", "neighbor_same_domain", "cross_domain")
+HEADLINE = SCORES
 
 
 def percent(value: float | None) -> str:
@@ -42,16 +43,40 @@ def auxiliary(sim, bench, name: str) -> dict:
     everyone = torch.arange(sim.n_clients)
     params = {**sim.server.broadcast(everyone), **sim.local}
     aux = evaluate_clients(sim.method.auxiliary_features(sim.tower, params), context.test, bench.plan)
-    prompt = sim.server.shared["prompt"][0].numel() * 4
-    body = sum(v[0].numel() * 4 for k, v in sim.local.items() if k.startswith("body:"))
-    up = prompt + (body if sim.method.upload == "reference" else 0)
+    return fedsp_record(aux, context, sim.method, sim.server.shared["prompt"][0].numel())
+
+
+def fedsp_record(aux: dict, context, method, prompt_numel: int) -> dict:
+    """FedSP's summary entries from its clients' own products' scores ``aux`` (evaluate_clients'
+    form): the headline, the model owner's figures and the bytes sent — in-process or on Flower."""
+    prompt = prompt_numel * 4
+    body = sum(v.numel() * 4 for v in context.body.values())
+    up = prompt + (body if method.upload == "reference" else 0)
     return {
         "auxiliary": headline(aux),
         "fedsp": {
             **context.report,
-            "bytes_per_round": {"download": prompt, "upload": up, "body_once": body, "upload_mode": sim.method.upload},
+            "bytes_per_round": {"download": prompt, "upload": up, "body_once": body, "upload_mode": method.upload},
         },
     }
+
+
+def group_prompt(sim, bench, name: str) -> dict:
+    """For a method whose shared part is one prompt ``[G, M, D]`` (the global or group/domain prompt;
+    not FedSP, whose tower differs): every client's scores with its group's prompt alone, without
+    its local part — SecFPP's domain-prompt view beside the released personal prompt. Final round,
+    in-process runs."""
+    if spec(name).auxiliary:
+        return {}
+    shared = sim.server.broadcast(torch.arange(sim.n_clients))
+    if len(shared) != 1:
+        return {}
+    (ctx,) = shared.values()
+    if ctx.dim() != 3:
+        return {}
+    with torch.no_grad():
+        text = sim.tower(ctx[:, None].to(bench.device))
+    return {"group_prompt": headline(bench.evaluate(text))}
 
 
 def grouping(sim, bench) -> dict:

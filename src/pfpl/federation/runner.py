@@ -21,9 +21,19 @@ from typing import Protocol
 from pfpl.artifacts import RunFolder, check_run_folder, clear_folder, plot_accuracy
 from pfpl.config import Config, build_config
 from pfpl.errors import CheckpointError
+from pfpl.evaluation.federated import average_rounds, summarize
 from pfpl.federation.client import steps_per_round
 from pfpl.federation.context import Benchmark
-from pfpl.federation.report import auxiliary, epsilons, grouping, headline, percent, privacy_record, released
+from pfpl.federation.report import (
+    auxiliary,
+    epsilons,
+    group_prompt,
+    grouping,
+    headline,
+    percent,
+    privacy_record,
+    released,
+)
 from pfpl.federation.wiring import train_settings
 from pfpl.privacy.modes import is_private, mode_of, secret_randomness
 from pfpl.privacy.rules import validate_dp
@@ -78,7 +88,7 @@ class SimulatedTraining:
         return self.sim.run_round()
 
     def evaluate(self) -> dict:
-        return self.bench.evaluate(self.sim.text_features())
+        return self.bench.evaluate(self.sim.text_features(), self.sim.vision_prompts())
 
     def privacy_record(self) -> dict:
         return privacy_record(self.plan, epsilons(self.sim, self.plan), self.sim.client_level)
@@ -95,9 +105,10 @@ class SimulatedTraining:
         return {
             **({} if failures is None else {"secure_failures": len(failures)}),
             "privacy": self.plan.describe(),
-            "validation": self.bench.validate(self.name, self.sim.text_features()),
+            "validation": self.bench.validate(self.name, self.sim.text_features(), self.sim.vision_prompts()),
             **grouping(self.sim, self.bench),
             **auxiliary(self.sim, self.bench, self.name),
+            **group_prompt(self.sim, self.bench, self.name),
         }
 
 
@@ -137,7 +148,13 @@ def run(
             f"{fingerprints}; resuming would mix two different models or datasets"
         )
     folder.write_partition(
-        {"scheme": bench.partition.scheme, "params": bench.partition.params, "clients": bench.counts_table()}
+        {
+            "scheme": bench.partition.scheme,
+            "params": bench.partition.params,
+            "novel_classes": [bench.dataset.classnames[c] for c in bench.novel],
+            "held_out_domains": [bench.dataset.domainnames[d] for d in bench.held_out_domains],
+            "clients": bench.counts_table(),
+        }
     )
     zero_shot = headline(bench.evaluate(bench.reference))
     history: list[dict] = state["history"]
@@ -156,6 +173,8 @@ def run(
                 info.pop("loss")
             result = sim.evaluate()
             record = sim.privacy_record()
+            recent = state.setdefault("recent", {}).setdefault(name, [])
+            recent[:] = [*recent, result["per_client"]][-REPORT_ROUNDS[cfg.evaluation.report] :]
             history.append(
                 {
                     "method": name,
@@ -168,13 +187,16 @@ def run(
             )
             state["current"] = {"method": name, "sim": sim.state_dict()}
             if sim.round == cfg.federation.rounds:
+                reported = reported_result(recent)
                 state["completed"][name] = {
-                    **headline(result),
+                    **headline(reported),
                     **record,
                     **sim.finish(folder),
-                    "per_client": result["per_client"],
+                    "per_client": reported["per_client"],
+                    "rounds_reported": len(recent),
                 }
                 state["current"] = None
+                state["recent"].pop(name)
             folder.save_checkpoint(state)
             folder.write_metrics(history)
             row = history[-1]
@@ -207,11 +229,25 @@ def run(
             "dp": cfg.dp.mode,
             "randomness": "secret" if secret_randomness(cfg.dp) else "seeded",
             "local_steps": steps_per_round(bench.partition.sizes(), train_settings(cfg)),
+            "report": cfg.evaluation.report,
+            "novel_fraction": cfg.evaluation.novel_fraction,
+            "novel_classes": len(bench.novel),
+            "held_out_domain": cfg.evaluation.held_out_domain,
         },
     }
     folder.write_summary(summary)
     folder.write_figure("accuracy.png", plot_accuracy(history, zero_shot, run_title(summary["setup"], cfg)))
     return summary
+
+
+#: evaluation.report -> how many of the last rounds' accuracies the summary averages
+REPORT_ROUNDS = {"final": 1, "mean-last-10": 10}
+
+
+def reported_result(recent: list[dict]) -> dict:
+    """The summary's accuracies: the per-client scores averaged over the rounds kept (one for
+    ``final``; the last 10, or all if fewer, for ``mean-last-10``), then their mean ± std over clients."""
+    return summarize(average_rounds(recent))
 
 
 def run_title(setup: dict, cfg: Config) -> str:
@@ -225,8 +261,11 @@ def run_title(setup: dict, cfg: Config) -> str:
     )
     if dp.client_clip > 0:
         privacy += f"; client-level clip {dp.client_clip:g}, σ_c = {dp.client_noise_multiplier:g}"
+    held = (f", {setup['novel_classes']} novel classes held out" if setup.get("novel_classes") else "") + (
+        f", domain {setup['held_out_domain']} held out" if setup.get("held_out_domain") else ""
+    )
     return (
-        f"{setup['backbone']} on {setup['dataset']}: {setup['n_clients']} clients, {setup['partition']} split, "
+        f"{setup['backbone']} on {setup['dataset']}: {setup['n_clients']} clients, {setup['partition']} split{held}, "
         f"{setup['sync']} sync, seed {setup['seed']}; {privacy}"
     )
 

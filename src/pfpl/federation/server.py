@@ -122,17 +122,10 @@ class Server:
         unmasking it still counts. Returns the delivered uploads and ``{client: (phase, group)}``."""
         if self.s.dropout == 0 or len(upload.clients) == 0:
             return upload, {}
-        drops: dict[int, tuple[str, int]] = {}
-        keep = []
-        for row, client in enumerate(upload.clients.tolist()):
-            gen = stream(self.s.seed, Purpose.DROPOUT, round_index, step, client)
-            draw = torch.rand(2, generator=gen)
-            if float(draw[0]) < self.s.dropout:
-                phase = PHASES[min(3, int(float(draw[1]) * 4))]
-                drops[client] = (phase, int(self.groups[client]))
-                if phase != "unmask":
-                    continue
-            keep.append(row)
+        drops = self.dropouts(upload.clients.tolist(), round_index, step)
+        keep = [
+            row for row, client in enumerate(upload.clients.tolist()) if drops.get(client, ("unmask",))[0] == "unmask"
+        ]
         rows = torch.tensor(keep, dtype=torch.long)
         kept = Upload(
             upload.clients[rows],
@@ -142,6 +135,19 @@ class Server:
             {k: v[rows.to(v.device)] for k, v in upload.extras.items()},
         )
         return kept, drops
+
+    def dropouts(self, clients: list[int], round_index: int, step: int) -> dict[int, tuple[str, int]]:
+        """The simulated dropouts of an exchange, ``{client: (phase, group)}`` (none without
+        ``dropout``): drawn per (round, step, client), so a transport that sets up an exchange's secure
+        instances ahead of it knows them as the aggregator will."""
+        drops: dict[int, tuple[str, int]] = {}
+        if self.s.dropout == 0:
+            return drops
+        for client in clients:
+            draw = torch.rand(2, generator=stream(self.s.seed, Purpose.DROPOUT, round_index, step, int(client)))
+            if float(draw[0]) < self.s.dropout:
+                drops[int(client)] = (PHASES[min(3, int(float(draw[1]) * 4))], int(self.groups[client]))
+        return drops
 
     def empty_upload(self) -> Upload:
         """What a round with no participants delivers: nothing, in the right shapes."""

@@ -236,3 +236,8 @@ class Simulator:
     def text_features(self) -> torch.Tensor:
         """Every client's class text features ``[N, C, E]``."""
         return self.host.release_features(self._everyone_shared())
+
+    @torch.no_grad()
+    def vision_prompts(self) -> torch.Tensor | None:
+        """Every client's vision prompts ``[N, depth, P, W]`` (None: the method prompts only text)."""
+        return self.host.release_vision(self._everyone_shared())

@@ -109,7 +109,15 @@ def run_sweep(
             m: {
                 label: {
                     k: results[label]["methods"][m].get(k)
-                    for k in ("local", "neighbor", "epsilon", "epsilon_kind", "formal_guarantee", "validation")
+                    for k in (
+                        "local",
+                        "neighbor",
+                        *EXTRA_SCORES,
+                        "epsilon",
+                        "epsilon_kind",
+                        "formal_guarantee",
+                        "validation",
+                    )
                 }
                 for label in configs
             }
@@ -123,16 +131,33 @@ def run_sweep(
     return table
 
 
+#: scores a sweep reports beside local and neighbor where its runs measure them (base-to-novel,
+#: leave-one-domain-out)
+EXTRA_SCORES = ("base", "novel", "hm", "held_out_domain")
+
+
+def _extra(table: dict) -> list[str]:
+    rows = [r for by_eps in table["methods"].values() for r in by_eps.values()]
+    return [k for k in EXTRA_SCORES if any(r.get(k) is not None for r in rows)]
+
+
 def _write_csv(path: Path, table: dict) -> None:
-    lines = ["method,target_epsilon,achieved_epsilon,epsilon_kind,formal,local,neighbor,val_local,val_neighbor"]
+    extra = _extra(table)
+    header = "method,target_epsilon,achieved_epsilon,epsilon_kind,formal,local,neighbor"
+    lines = [",".join([header, *extra, "val_local", "val_neighbor"])]
+
+    def num(x: float | None) -> str:
+        return "" if x is None else f"{x:.4f}"
+
     for m, by_eps in table["methods"].items():
         for label, r in by_eps.items():
             achieved = "inf" if r["epsilon"] is None else f"{r['epsilon']:.4f}"
             kind = r.get("epsilon_kind") or "none"
             formal = "yes" if r.get("formal_guarantee") else "no"
             val = r.get("validation") or {}
-            on_val = ",".join(f"{val[k]:.4f}" if val.get(k) is not None else "" for k in ("local", "neighbor"))
-            lines.append(f"{m},{label},{achieved},{kind},{formal},{r['local']:.4f},{r['neighbor']:.4f},{on_val}")
+            scores = ",".join(num(r.get(k)) for k in ("local", "neighbor", *extra))
+            on_val = ",".join(num(val.get(k)) for k in ("local", "neighbor"))
+            lines.append(f"{m},{label},{achieved},{kind},{formal},{scores},{on_val}")
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
@@ -144,18 +169,20 @@ def plot_sweep(path: Path, table: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pfpl.artifacts import legend_below
+    from pfpl.artifacts import legend_below, panels
 
     labels = table["epsilons"]
     xs = list(range(len(labels)))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
+    keys = ("local", "neighbor", *_extra(table))
+    fig, axes = panels(len(keys)) if len(keys) > 2 else plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
     nominal = " — NOMINAL ε, no formal guarantee" if table.get("nominal") else ""
     if table.get("randomness") == "seeded" and not nominal:
         nominal = " — SEEDED noise (an experiment), no formal guarantee"
-    for ax, key in zip(axes, ("local", "neighbor")):
+    for ax, key in zip(axes, keys):
         for i, (m, by_eps) in enumerate(table["methods"].items()):
-            ax.plot(xs, [by_eps[x][key] for x in labels], marker="o", label=m, color=f"C{i}")
-        if table.get("zero_shot"):
+            values = [float("nan") if by_eps[x].get(key) is None else by_eps[x][key] for x in labels]
+            ax.plot(xs, values, marker="o", label=m, color=f"C{i}")
+        if table.get("zero_shot") and table["zero_shot"].get(key) is not None:
             ax.axhline(table["zero_shot"][key], ls="--", color="gray", label="zero-shot")
         ax.set_xticks(xs, [("∞ (no DP)" if x == "inf" else x) for x in labels])
         ax.minorticks_off()

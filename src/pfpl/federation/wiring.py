@@ -80,14 +80,51 @@ def method_settings(cfg: Config, backbone: OpenClipBackbone) -> MethodSettings:
         init_ctx=phrase_context(backbone, cfg.prompt.phrase, cfg.prompt.n_ctx) if cfg.prompt.phrase else None,
         fedpgp_mu=t.fedpgp_mu,
         fedpgp_temperature=t.fedpgp_temperature,
+        modality=cfg.prompt.modality,
+        vision_shape=vision_shape(cfg, backbone),
+        template=cfg.prompt.template,
         extra={
             "class_rank": s.class_rank,
             "recluster_every": s.recluster_every,
             "cluster_on": s.cluster_on,
             "covers_all_classes": is_private(cfg.dp) and not s.public_label_set,
             "secpc": secpc,
+            "promptfolio_theta": t.promptfolio_theta,
+            **{k: getattr(t, k) for k in PFEDMOAP_KEYS + FEDOTP_KEYS},
+            "text_dim": text_dim(backbone),
         },
     )
+
+
+def vision_shape(cfg: Config, backbone: OpenClipBackbone) -> tuple[int, int, int] | None:
+    """``(depth, tokens, width)`` of one vision prompt set on this backbone (None: its image tower is no ViT)."""
+    from pfpl.backbones.vision_tower import supports
+
+    visual = backbone.model.visual
+    if not supports(visual):
+        return None
+    return (cfg.prompt.vision_depth, cfg.prompt.vision_tokens, int(visual.class_embedding.shape[-1]))
+
+
+FEDOTP_KEYS = ("fedotp_mass", "fedotp_eps", "fedotp_iterations", "fedotp_tolerance")
+PFEDMOAP_KEYS = (
+    "pfedmoap_experts",
+    "pfedmoap_selection",
+    "pfedmoap_lambda",
+    "pfedmoap_gating_dim",
+    "pfedmoap_heads",
+    "pfedmoap_scaling",
+)
+
+
+def text_dim(backbone: OpenClipBackbone) -> int:
+    """The width E of the backbone's class text features (FedTPG's and pFedMoAP's shapes depend on it)."""
+    projection = backbone.text.text_projection
+    if isinstance(projection, torch.nn.Linear):
+        return int(projection.out_features)
+    if projection is not None:
+        return int(projection.shape[1])
+    return int(backbone.ctx_dim)
 
 
 def method_leaves(method: Method) -> MethodLeaves:

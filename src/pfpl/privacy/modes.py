@@ -19,7 +19,7 @@ from importlib import import_module
 from typing import Any
 
 #: the methods of the published DP-FPL code, which ``reference`` mode reproduces (it has no DP CoOp)
-REFERENCE_METHODS = ("promptfl", "fedotp", "fedpgp", "dplora", "dpfpl")
+REFERENCE_METHODS = ("promptfl", "fedotp-lite", "fedpgp", "dplora", "dpfpl")
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,13 @@ def validate_dp(
             "prompt, which no client-level mechanism noises (only the shared domain prompt is); run secfpp-global, "
             "or sample-level DP (dp.mode = 'feature' / 'per-sample') without dp.client_noise_multiplier"
         )
+    downloads = [m for m in methods if spec(m).downloads]
+    if dp.client_noise_multiplier > 0 and downloads:
+        raise PrivacyConfigError(
+            f"client-level DP cannot be accounted for {downloads[0]}: it aggregates nothing for the server to noise, "
+            "while every client's prompt travels to the others individually (its experts); use sample-level DP "
+            "(dp.mode = 'feature' / 'per-sample'), which covers each prompt before it leaves its client"
+        )
     if not kind.noises and (dp.target_epsilon is not None or dp.noise_multiplier > 0):
         raise PrivacyConfigError(
             "dp.target_epsilon / dp.noise_multiplier are set but dp.mode='off'; "

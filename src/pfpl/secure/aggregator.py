@@ -206,12 +206,23 @@ class SecureAggregator:
                 )
             else:
                 plans[g] = plan
+        carrier = self.carrier or InMemoryCarrier(self)
+        # instances the carrier set up ahead of this exchange (their key rounds already ran)
+        prepared = carrier.resume(c, plans) if hasattr(carrier, "resume") else {}
+        for g, got in list(prepared.items()):
+            if isinstance(got, SecureAggregationError):  # it failed while being set up
+                self.record_failure(c, g, got)
+                del plans[g], prepared[g]
         servers = {
-            g: SecAggServer(plan.everyone, plan.graph, plan.threshold, self.vector_length(dim), self.settings.ring_bits)
+            g: prepared[g][0]
+            if g in prepared
+            else SecAggServer(
+                plan.everyone, plan.graph, plan.threshold, self.vector_length(dim), self.settings.ring_bits
+            )
             for g, plan in plans.items()
         }
-        carrier = self.carrier or InMemoryCarrier(self)
-        totals, failed = run_instances(servers, carrier.deliver_for(c, plans))
+        resume = {g: got[1:] for g, got in prepared.items()}
+        totals, failed = run_instances(servers, carrier.deliver_for(c, plans), resume=resume)
         for g, err in failed.items():
             self.record_failure(c, g, err)
         for g, total in totals.items():
@@ -228,13 +239,38 @@ class SecureAggregator:
         ids = [int(c.clients[i]) for i in rows]
         drops = {k: phase for k, (phase, group) in (c.drops or {}).items() if group == g}
         lost = [k for k in drops if k not in ids]
+        return self._plan(rows, ids, lost, drops, c.round, c.step, c.index)
+
+    def plan_ahead(
+        self,
+        clients: list[int],
+        groups: list[int],
+        drops: dict[int, tuple[str, int]],
+        round_index: int,
+        step: int,
+        index: int,
+    ) -> dict[int, GroupPlan]:
+        """The instances of an exchange before it runs (``clients`` take part, in ``groups``; ``drops``:
+        the server's simulated dropouts), as :meth:`plan_group` will plan them once its uploads arrive:
+        a transport sets them up ahead so their key rounds ride on earlier round trips."""
+        out = {}
+        for g in sorted(set(groups)):
+            members = [c for c, h in zip(clients, groups) if h == g]
+            mine = {k: phase for k, (phase, h) in drops.items() if h == g and k in members}
+            lost = [k for k in members if mine.get(k, "unmask") != "unmask"]
+            plan = self._plan([], [k for k in members if k not in lost], lost, mine, round_index, step, index)
+            if plan is not None:
+                out[g] = plan
+        return out
+
+    def _plan(self, rows, ids, lost, drops, round_index: int, step: int, index: int) -> GroupPlan | None:
         everyone = sorted(ids + list(lost))
         if not everyone:
             return None
         n = len(everyone)
-        graph_seed = int(stream(self.settings.seed, Purpose.PROTOCOL, c.round, c.step, -1, c.index).initial_seed())
+        graph_seed = int(stream(self.settings.seed, Purpose.PROTOCOL, round_index, step, -1, index).initial_seed())
         graph = neighbours(everyone, self.settings.degree_for(n), graph_seed % 2**32)
-        return GroupPlan(rows, ids, lost, everyone, drops, self.settings.threshold_for(n), graph)
+        return GroupPlan(rows, ids, list(lost), everyone, drops, self.settings.threshold_for(n), graph)
 
     def noise_share(self, threshold: int) -> float:
         """λ of one client's Skellam share in an instance with this threshold."""

@@ -181,13 +181,15 @@ ABORTED = -1  # a phase refused or failed: the client answers nothing more in th
 
 
 class SecAggClient:
-    """One client's side of one protocol instance, holding its (already encoded) ring vector. It
-    trusts neither the server nor its neighbours: every message is checked before use, and every
-    refusal is one :class:`ProtocolError` (or :class:`SecureAggregationError`) line naming it."""
+    """One client's side of one protocol instance, holding its (already encoded) ring vector — from the
+    start, or given with the masked-input phase (an instance set up before the exchange it sums, so its
+    key rounds ride on the round trips of the exchange before). It trusts neither the server nor its
+    neighbours: every message is checked before use, and every refusal is one :class:`ProtocolError`
+    (or :class:`SecureAggregationError`) line naming it."""
 
-    def __init__(self, client: int, vector: np.ndarray):
+    def __init__(self, client: int, vector: np.ndarray | None = None):
         self.id = client
-        self.vector = np.asarray(vector, dtype=np.uint64)
+        self.vector = None if vector is None else np.asarray(vector, dtype=np.uint64)
         self.stage = 0  # index into STAGES, or ABORTED
         self.setup_msg: Setup | None = None
         self.shared_with: tuple[int, ...] = ()  # neighbours that shared keys with us (U2 ∩ N): we mask with them
@@ -262,7 +264,7 @@ class SecAggClient:
         numbers = (msg.threshold, msg.vector_length, msg.ring_bits)
         if not all(_is_id(v) for v in numbers) or not 1 <= msg.ring_bits <= 64:
             raise ProtocolError(f"client {self.id}: a malformed setup (threshold, length or ring)")
-        if len(self.vector) != msg.vector_length:
+        if self.vector is not None and len(self.vector) != msg.vector_length:
             raise ProtocolError(f"client {self.id}: vector of length {len(self.vector)}, not {msg.vector_length}")
         holders = len(msg.neighbours) + 1
         if not holders < 2 * msg.threshold <= 2 * holders:
@@ -324,12 +326,20 @@ class SecAggClient:
         return EncryptedShares(s.round_id, self.id, out)
 
     # ---- phase 3 ------------------------------------------------------------------------------
-    def masked_input(self, msg: SharesForYou) -> MaskedInput:
-        return self._run("masked_input", self._masked_input, msg)
+    def masked_input(self, msg: SharesForYou, vector: np.ndarray | None = None) -> MaskedInput:
+        """``vector``: the client's ring vector, if it was not given at the start (once, either way)."""
+        return self._run("masked_input", lambda m: self._masked_input(m, vector), msg)
 
-    def _masked_input(self, msg: SharesForYou) -> MaskedInput:
+    def _masked_input(self, msg: SharesForYou, vector: np.ndarray | None = None) -> MaskedInput:
         self._check(msg, SharesForYou)
         s = self.setup_msg
+        if (vector is None) == (self.vector is None):
+            raise ProtocolError(f"client {self.id}: its vector must be given exactly once (at the start or now)")
+        if vector is not None:
+            vector = np.asarray(vector, dtype=np.uint64)
+            if vector.shape != (s.vector_length,):
+                raise ProtocolError(f"client {self.id}: vector of shape {vector.shape}, not ({s.vector_length},)")
+            self.vector = vector
         if not _is_id_map(msg.ciphertexts, lambda v: isinstance(v, bytes)):
             raise ProtocolError(f"client {self.id}: malformed routed shares")
         mine = self._own_keys()
@@ -727,25 +737,34 @@ COLLECT = {
 Deliver = Callable[[str, dict], dict]
 
 
-def run_instances(servers: dict, deliver: Deliver, timed: Callable | None = None) -> tuple[dict, dict]:
+def run_instances(
+    servers: dict, deliver: Deliver, timed: Callable | None = None, resume: dict | None = None
+) -> tuple[dict, dict]:
     """Run protocol instances together, one phase at a time — the sequence written once, whatever
     carries the messages. ``deliver(phase, inbox)`` takes each instance's messages to its clients
     (``{key: {client: message}}``) and returns their answers (``{key: [answer, …]}``): in memory
-    (:func:`run_in_memory`, the simulator's aggregator) or as Message round trips (Flower). An
-    instance whose server step raises :class:`SecureAggregationError` stops there; the others go on.
+    (:func:`run_in_memory`, the simulator's aggregator) or as Message round trips (Flower). ``resume``:
+    ``{key: (phase, messages)}`` for instances whose earlier phases already ran (set up ahead of their
+    exchange): they join at ``phase`` with those messages. An instance whose server step raises
+    :class:`SecureAggregationError` stops there; the others go on.
     Returns ``({key: decoded sum}, {key: the error that stopped it})``."""
     step = timed or (lambda fn, *args: fn(*args))
-    inbox = {key: step(server.setup) for key, server in servers.items()}
+    order = list(COLLECT)
+    resume = resume or {}
+    start = {key: order.index(resume[key][0]) if key in resume else 0 for key in servers}
+    inbox = {key: resume[key][1] if key in resume else step(server.setup) for key, server in servers.items()}
     failed: dict = {}
-    for phase, collect in COLLECT.items():
-        answers = deliver(phase, inbox)
-        next_inbox = {}
-        for key in inbox:
+    for at, (phase, collect) in enumerate(COLLECT.items()):
+        now = {key: messages for key, messages in inbox.items() if start[key] <= at}
+        if not now:
+            continue
+        answers = deliver(phase, now)
+        for key in now:
             try:
-                next_inbox[key] = step(getattr(servers[key], collect), answers.get(key, []))
+                inbox[key] = step(getattr(servers[key], collect), answers.get(key, []))
             except SecureAggregationError as err:
                 failed[key] = err
-        inbox = next_inbox
+                del inbox[key]
     return inbox, failed
 
 

@@ -137,11 +137,9 @@ def from_fields(fields: dict, expected: type | None = None):
 def client_state(client: SecAggClient) -> dict:
     """Every field a client needs for its next phase, including its stage (so a node that rebuilds it
     every phase still runs each phase once and in order) and whom it accused."""
-    out: dict = {
-        "id": client.id,
-        "vector": np.asarray(client.vector, dtype="<u8").tobytes(),
-        "stage": client.stage,
-    }
+    out: dict = {"id": client.id, "stage": client.stage}
+    if client.vector is not None:  # an instance set up ahead of its exchange gets it with the masked input
+        out["vector"] = np.asarray(client.vector, dtype="<u8").tobytes()
     if client.setup_msg is not None:
         out.update({f"setup.{k}": v for k, v in to_fields(client.setup_msg).items()})
         out["cipher_sk"] = P.private_bytes(client.cipher_sk)
@@ -157,7 +155,8 @@ def client_state(client: SecAggClient) -> dict:
 
 def client_from_state(fields: dict) -> SecAggClient:
     what = "secure-aggregation state"
-    client = SecAggClient(_get(fields, "id", "int", what), _get(fields, "vector", "ring", what))
+    vector = _get(fields, "vector", "ring", what) if "vector" in fields else None
+    client = SecAggClient(_get(fields, "id", "int", what), vector)
     client.stage = _get(fields, "stage", "int", what)
     if not (client.stage == ABORTED or 0 <= client.stage < len(STAGES)):
         raise ProtocolError(f"{what}: stage {client.stage} is not one of the client's stages")

@@ -26,11 +26,10 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Message, RecordDict
 from flwr.common.constant import ErrorCode
 
 from pfpl.algorithms import get_method, spec
@@ -42,7 +41,8 @@ from pfpl.federation.client import steps_per_round
 from pfpl.federation.context import Benchmark
 from pfpl.federation.flower import records as R
 from pfpl.federation.flower.node import flower_refusal, hosted_clients, model_digest
-from pfpl.federation.report import grouping, privacy_record
+from pfpl.federation.flower.secure_carrier import MessageCarrier
+from pfpl.federation.report import fedsp_record, grouping, privacy_record
 from pfpl.federation.rounds import Rounds
 from pfpl.federation.server import Server
 from pfpl.federation.wiring import build_aggregator, method_settings, plan_for, run_streams, train_settings
@@ -181,21 +181,8 @@ class Cluster:
 PHASE = "phase"  # a server phase's per-client records: phase/{client}
 
 
-def only_records(reply: RecordDict, configs: set[str], arrays: frozenset[str] = frozenset(), prefix: str = "") -> None:
-    """The reply holds exactly these config and array records (and, if ``prefix``, any config record
-    whose name starts with it); no metric record. Else a ProtocolError naming the stray ones."""
-    names = {k for k in reply.config_records if not (prefix and k.startswith(prefix))}
-    if names != configs or set(reply.array_records) != set(arrays) or len(reply.metric_records):
-        have = sorted(reply.config_records) + sorted(reply.array_records) + sorted(reply.metric_records)
-        raise ProtocolError(f"the reply holds records {have}, expected {sorted(configs | set(arrays))}")
-
-
-def _content(header: dict, shared: dict[str, torch.Tensor] | None = None) -> RecordDict:
-    content = RecordDict()
-    content.config_records[R.PFPL] = ConfigRecord({"version": R.PROTOCOL_VERSION, **header})
-    if shared:
-        content.array_records[R.SHARED] = R.to_arrays(shared)
-    return content
+only_records = R.only_records
+_content = R.content
 
 
 class FlowerTraining:
@@ -249,6 +236,9 @@ class FlowerTraining:
         self.shapes = {k: tuple(v.shape) for k, v in shared.items()}
         # the scores a node's evaluation reply carries: those the server's evaluation plan defines
         self._score_keys = set(client_scores(torch.zeros(0, 1, 1), [], bench.test, bench.plan))
+        if self.fedsp is not None:  # and each client's own product (its auxiliary model), scored on its node
+            self._score_keys |= {f"aux/{k}" for k in self._score_keys}
+        self.auxiliary: dict | None = None  # the last evaluation's scores of those products
         self.train_seconds = 0.0  # time spent in training rounds, secure aggregation included
 
     @staticmethod
@@ -309,9 +299,16 @@ class FlowerTraining:
             rows = torch.tensor([position[c] for c in clients], dtype=torch.long)
             header = self._header(round=r, step=step, steps=steps, last=last, clients=clients)
             payloads[node] = _content(header, {k: v[rows] for k, v in shared.items()})
-        replies = self.cluster.send("train", payloads)
-        if self.cfg.federation.secure_aggregation:
-            return self._held(active, groups, replies)
+        if self.carrier is None:
+            replies = self.cluster.send("train", payloads)
+        else:  # the exchange's instances get ready; their masked inputs come back with the train replies
+            asked = self._secure_ahead(active, r, step, payloads)
+            replies = self.cluster.send("train", payloads)
+            accepted: set[int] = set()
+            held = self._held(active, groups, replies, accepted)
+            answered = {node: reply for node, reply in replies.items() if node in accepted}
+            self.carrier.absorb(self.carrier.answers(answered, asked, whole=False))
+            return held
         parts: dict[int, Upload] = {}
         for node, reply in replies.items():
             try:
@@ -320,6 +317,54 @@ class FlowerTraining:
                 self.cluster._reject(node, "train", str(err))
         rows = [(c, node) for c in active for node in [self.cluster.node_of[c]] if node in parts]
         return _ordered(parts, rows, self.shapes)
+
+    def _secure_plans(self, clients: list[int], r: int, step: int) -> tuple[dict, dict]:
+        """The secure instances of an exchange of ``clients`` as the aggregator will plan them
+        (``{"parameter.group": plan}``), with their servers."""
+        from pfpl.secure.protocol import SecAggServer
+
+        aggregator = self.server.aggregator
+        drops = self.server.dropouts(clients, r, step)
+        groups = [int(self.server.groups[c]) for c in clients]
+        plans, servers = {}, {}
+        for index, name in enumerate(self.method.shared_params):
+            length = aggregator.vector_length(math.prod(self.shapes[name]))
+            for g, plan in aggregator.plan_ahead(clients, groups, drops, r, step, index).items():
+                key = f"{index}.{g}"
+                plans[key] = plan
+                servers[key] = SecAggServer(
+                    plan.everyone, plan.graph, plan.threshold, length, aggregator.settings.ring_bits
+                )
+        return plans, servers
+
+    def _next_exchange(self, active: list[int], r: int, step: int) -> tuple[int, int, list[int]] | None:
+        """(round, step, participants) of the exchange after this one, if the run has one."""
+        starts = [first for first, _, _ in self.rounds.exchanges()]
+        later = [s for s in starts if s > step]
+        if later:
+            return r, later[0], active
+        if r + 1 >= self.cfg.federation.rounds:
+            return None
+        return r + 1, starts[0], [int(c) for c in self.server.participants(r + 1).tolist()]
+
+    def _secure_ahead(self, active: list[int], r: int, step: int, payloads: dict) -> dict:
+        """Make this exchange's secure instances ready (set up ahead on the last exchange's round
+        trips, or now in two of their own), set up the next exchange's, and put this one's masked
+        input requests and the next one's key messages on the train messages. Returns what was asked."""
+        carrier = self.carrier
+        plans, servers = self._secure_plans(active, r, step)
+        ahead = carrier.planned((r, step), plans)
+        if not ahead:  # the first exchange, or its plan changed (new groups)
+            carrier.prepare((r, step), plans, servers)
+        carrier.discard(before=(r, step))
+        carrier.ready((r, step))
+        if ahead and not carrier.intact((r, step)):  # it lost clients on the way: set up afresh, now
+            carrier.prepare((r, step), *self._secure_plans(active, r, step))
+            carrier.ready((r, step))
+        following = self._next_exchange(active, r, step)
+        if following is not None and following[2]:
+            carrier.prepare(following[:2], *self._secure_plans(following[2], *following[:2]))
+        return carrier.attach(payloads, (r, step))
 
     def ask(self, kind: str, requests: dict[int, dict]) -> dict[int, dict]:
         """A server phase's question (:meth:`~pfpl.federation.rounds.Transport.ask`): one ``query.phase``
@@ -345,16 +390,18 @@ class FlowerTraining:
             replies.update(answers)
         return replies
 
-    def _held(self, active: list[int], groups: dict, replies: dict) -> Upload:
-        """Under secure aggregation the nodes keep their uploads: which clients hold one (values unseen)."""
+    def _held(self, active: list[int], groups: dict, replies: dict, accepted: set[int]) -> Upload:
+        """Under secure aggregation the nodes keep their uploads: which clients hold one (values unseen);
+        ``accepted`` gets the nodes whose reply passed (their masked inputs count)."""
         delivered = set()
         for node, reply in replies.items():
             try:
-                only_records(reply, {R.PFPL})  # the values stay on the node until they are masked
+                only_records(reply, {R.PFPL}, prefix="secagg/")  # the values stay on the node until masked
                 got = R.int_list(R.header(reply, {"clients"}), "clients")
                 if got != groups[node]:
                     raise ProtocolError(f"answered for clients {got}, asked {groups[node]}")
                 delivered.update(got)
+                accepted.add(node)
             except ProtocolError as err:
                 self.cluster._reject(node, "train", str(err))
         clients = [c for c in active if c in delivered]
@@ -425,7 +472,10 @@ class FlowerTraining:
             log.warning("flower: clients %s were not evaluated this round (their SuperNode did not answer)", missing)
         if not per_client:
             raise DeploymentError("no SuperNode answered the evaluation")
-        return summarize(per_client)
+        own = {k.removeprefix("aux/"): v for k, v in per_client.items() if k.startswith("aux/")}
+        if own:
+            self.auxiliary = summarize(own)
+        return summarize({k: v for k, v in per_client.items() if not k.startswith("aux/")})
 
     def _scores(self, reply: RecordDict, clients: list[int]) -> tuple[list[int], list[float], dict[str, list[float]]]:
         """A node's evaluation: its clients, their ε (≥ 0, ∞ allowed) and exactly the scores the server's
@@ -473,12 +523,8 @@ class FlowerTraining:
     def finish(self, folder: RunFolder) -> dict:
         failures = getattr(self.server.aggregator, "failures", None)
         extra = {}
-        if self.fedsp is not None:  # the model owner's figures (the clients' own products stay on the nodes)
-            prompt = self.server.shared["prompt"][0].numel() * 4
-            body = sum(v.numel() * 4 for v in self.fedsp.body.values())
-            up = prompt + (body if self.method.upload == "reference" else 0)
-            traffic = {"download": prompt, "upload": up, "body_once": body, "upload_mode": self.method.upload}
-            extra["fedsp"] = {**self.fedsp.report, "bytes_per_round": traffic}
+        if self.fedsp is not None:  # the clients' own products (scored on their nodes), the model owner's figures
+            extra = fedsp_record(self.auxiliary or {}, self.fedsp, self.method, self.server.shared["prompt"][0].numel())
         return {
             **extra,
             **grouping(self, self.bench),
@@ -489,6 +535,8 @@ class FlowerTraining:
                 "rejected_replies": len(self.cluster.rejected),
                 "train_s": round(self.train_seconds, 3),  # this server process's rounds (not before a resume)
                 "secure_aggregation_s": round(self.secure_seconds, 3),
+                # secure-aggregation round trips of their own (masked inputs ride on the train messages)
+                "secure_round_trips": self.carrier.round_trips if self.carrier is not None else 0,
                 "released_prompts": "kept on the SuperNodes (not collected by the server)",
             },
         }
@@ -507,100 +555,3 @@ def _ordered(parts: dict[int, Upload], rows: list[tuple[int, int]], shapes: dict
         torch.stack([parts[n].sizes[i] for n, i in take]),
         torch.stack([parts[n].loss[i] for n, i in take]),
     )
-
-
-@dataclass
-class MessageCarrier:
-    """The clients' side of the server's secure-aggregation instances, carried over Flower round
-    trips: the server's own :class:`~pfpl.secure.aggregator.SecureAggregator` plans every instance of
-    an exchange (one per group), runs them together through :func:`pfpl.secure.protocol.run_instances`
-    — four round trips (advertise keys, share keys, masked input, unmasking) — and decodes each sum,
-    exactly as in the simulator; the nodes encode, mask and answer. Simulated dropouts
-    (``federation.dropout``) stop a client at its drawn phase, as in the simulator; a node that does
-    not answer drops all its clients from that phase on, and an answer that is malformed, unasked for
-    or of the wrong type drops its client. An instance that cannot complete is skipped by the
-    aggregator (recorded, not applied) while the others go on."""
-
-    cluster: Cluster
-    header: Callable[[int, int], dict]  # (round, step) -> the exchange's message header
-    seconds: float = 0.0  # time spent in these round trips
-
-    def deliver_for(self, c, plans: dict) -> Callable[[str, dict], dict]:
-        """``deliver(phase, inbox)`` for the instances of contributions ``c`` (``plans``: group -> plan)."""
-        header = self.header(c.round, c.step)
-        keys = {g: f"{c.index}.{g}" for g in plans}
-
-        def deliver(phase: str, inbox: dict) -> dict:
-            start = time.perf_counter()
-            answers = self._round_trip(
-                phase, {keys[g]: messages for g, messages in inbox.items()}, {keys[g]: plans[g] for g in inbox}, header
-            )
-            self.seconds += time.perf_counter() - start
-            return {g: answers.get(keys[g], []) for g in inbox}
-
-        return deliver
-
-    def _round_trip(self, phase: str, inbox: dict, plans: dict, header: dict) -> dict[str, list]:
-        """One phase's messages to the nodes, and the answers by instance: only those asked for (this
-        phase, this instance, a client of the answering node), of the phase's type and sent by their
-        client; every other entry is rejected with its reason (its client is then treated as
-        dropped), and a reply with a bad header or stray records is rejected whole."""
-        from pfpl.secure import wire
-        from pfpl.secure.protocol import PHASES, AdvertiseKeys, EncryptedShares, MaskedInput, UnmaskShares
-
-        expected = {"advertise": AdvertiseKeys, "share": EncryptedShares, "masked": MaskedInput, "unmask": UnmaskShares}
-        order = PHASES.index(phase)
-        payloads: dict[int, RecordDict] = {}
-        asked: dict[int, set[tuple[str, int]]] = {}
-        for key, messages in inbox.items():
-            plan = plans[key]
-            for client, message in messages.items():
-                if client in plan.drops and PHASES.index(plan.drops[client]) <= order:
-                    continue  # a simulated dropout: gone before this phase
-                node = self.cluster.node_of[client]
-                if node not in payloads:
-                    payloads[node] = _content({**header, "phase": phase})
-                    asked[node] = set()
-                fields = wire.to_fields(message)
-                if phase == "advertise":
-                    fields["summands"] = len(plan.everyone)
-                payloads[node].config_records[f"secagg/{key}/{client}"] = ConfigRecord(fields)
-                asked[node].add((key, client))
-        answers: dict[str, list] = {key: [] for key in inbox}
-        what = f"secure aggregation ({phase})"
-        replies = self.cluster.send("train.secagg", payloads)
-        for node, reply in replies.items():
-            try:
-                only_records(reply, {R.PFPL}, prefix="secagg/")
-                got = R.text(R.header(reply, {"phase"}), "phase")
-                if got != phase:
-                    raise ProtocolError(f"answered phase {got!r}, asked {phase!r}")
-            except ProtocolError as err:
-                self.cluster._reject(node, what, str(err))
-                continue
-            for entry, record in reply.config_records.items():
-                if entry == R.PFPL:
-                    continue
-                try:
-                    key, client = R.secagg_entry(entry)
-                    if (key, client) not in asked[node]:
-                        raise ProtocolError(f"an answer for {entry} it was not asked for")
-                    message = wire.from_fields(dict(record), expected[phase])
-                    if message.sender != client:
-                        raise ProtocolError(f"{entry} answered by client {message.sender}")
-                    answers[key].append(message)
-                except (ValueError, TypeError) as err:  # ProtocolError is a ValueError
-                    self.cluster._reject(node, what, f"{entry}: {err}")
-        for node in replies:
-            missing = sorted(asked[node] - {R.secagg_entry(e) for e in replies[node].config_records if _entry(e)})
-            if missing:
-                log.warning("flower: SuperNode %d did not answer for %s at %s (dropped)", node, missing, phase)
-        return answers
-
-
-def _entry(key: str) -> bool:
-    try:
-        R.secagg_entry(key)
-        return True
-    except ProtocolError:
-        return False

@@ -67,6 +67,8 @@ RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a run id names a folder of the no
 def flower_refusal(name: str) -> str | None:
     """Why method ``name`` cannot run on Flower yet (None: it can)."""
     method = get_method(name)(MethodSettings())
+    if spec(name).patches:
+        return f"{name} scores images by their patch features, which the SuperNodes do not cache yet"
     if method.server_phases() and not method.client_handlers():
         return f"{name} runs a server phase with the clients between rounds that has no client side over messages"
     return None
@@ -196,8 +198,10 @@ class MethodState:
 @dataclass
 class Ledger:
     """What a node has released of one method's exchanges: ``masked`` — the uploads encoded into a
-    secure-aggregation instance (``run/round/step/index/client``); ``released`` — the digest of each
-    upload sent in the clear in a private run (``run/round/step/client`` -> sha256). Only ever grows:
+    secure-aggregation instance (``run/round/step/index/client``, every local step an upload covers)
+    and the share and unmask answers given (``run/answered/{round id}/{phase}/client``); ``released``
+    — the digest of each upload sent in the clear in a private run (``run/round/step/client`` ->
+    sha256). Only ever grows:
     restored copies are merged into it (:meth:`merge`), never put in its place."""
 
     masked: set[str] = field(default_factory=set)
@@ -369,12 +373,17 @@ class Node:
             aux, self.bench.dataset.classnames, cfg.prompt.n_ctx,
             max_sequences=cfg.train.max_sequences, share_prefix=cfg.train.share_prefix,
         )  # fmt: skip
-        out = (digest, tower, ClientData(train, self.bench.partition.clients, aux.device), text_body(aux))
+        test = image_features(aux, self.bench.dataset, "test", cfg.cache_dir).to(aux.device)
+        out = (digest, tower, ClientData(train, self.bench.partition.clients, aux.device), text_body(aux), test)
         self._auxiliary[name] = out
         return out
 
     def _auxiliary_model(self, name: str) -> tuple:
         """(tower, clients' data, body) of the auxiliary model received for ``name``."""
+        return self._auxiliary_received(name)[1:4]
+
+    def _auxiliary_received(self, name: str) -> tuple:
+        """(digest, tower, clients' data, body, test features) of the auxiliary model received for ``name``."""
         if name not in self._auxiliary:
             from safetensors import safe_open
             from safetensors.torch import load_file
@@ -385,7 +394,7 @@ class Node:
             with safe_open(str(path), "pt") as handle:
                 digest = (handle.metadata() or {}).get("digest", "")
             self._load_auxiliary(name, load_file(str(path)), digest)
-        return self._auxiliary[name][1:]
+        return self._auxiliary[name]
 
     def _snapshot(self, name: str, run: str, done: int) -> Path:
         return self.state_dir / run / f"node-{self.partition_id}-{name}-round{done}.pt"
@@ -485,6 +494,10 @@ class Node:
         r, step, steps, last = int(head["round"]), int(head["step"]), int(head["steps"]), bool(head["last"])
         clients = R.int_list(head, "clients")
         method, plan, host = self.method(name)
+        if step < 0 or steps < 1 or step + steps > host.steps_per_round:
+            raise ProtocolError(
+                f"steps {step}..{step + steps - 1} are not local steps of a round of {host.steps_per_round}"
+            )
         current = self.load(name, run, r, step, state)
         self._rows(clients)
         shared = self._shared(name, content, clients)
@@ -516,8 +529,11 @@ class Node:
         if secure:  # the values stay here until the protocol masks them (once: the node's ledger)
             state.array_records[f"{name}/pending-values"] = R.to_arrays(upload.values)
             state.config_records[f"{name}/pending-meta"] = ConfigRecord(
-                {"run": run, "clients": clients, "round": r, "step": step, "advertised": False}
+                {"run": run, "clients": clients, "round": r, "step": step, "steps": steps}
             )
+            self._forget_instances(state, run, (r, step))
+            # the masked inputs of this exchange, and the key rounds of the next one's instances
+            self._secure_entries(name, run, content, state, reply)
             return reply
         reply.array_records[R.VALUES] = R.to_arrays(upload.values)
         stats = {"sizes": upload.sizes}  # public (each client's record count)
@@ -527,111 +543,159 @@ class Node:
         return reply
 
     def secure_aggregation(self, content: RecordDict, state: RecordDict) -> RecordDict:
-        """One phase of the secure-aggregation instances of the last exchange, for every hosted client
-        the server addressed: ``advertise`` encodes the client's pending upload (its own clipping,
-        weighting, fixed point and distributed noise) and starts its protocol state; ``share``,
-        ``masked`` and ``unmask`` continue it. A client whose step fails is left out of the reply (the
-        server treats it as dropped).
+        """Secure-aggregation messages alone (``train.secagg``): the key rounds of instances set up
+        ahead of their exchange, a fresh instance's phases, the unmasking (:meth:`_secure_entries`)."""
+        head = R.header(content)
+        reply = RecordDict()
+        reply.config_records[R.PFPL] = ConfigRecord({"version": R.PROTOCOL_VERSION})
+        self._secure_entries(str(head["method"]), str(head["run"]), content, state, reply)
+        return reply
+
+    def _secure_entries(self, name: str, run: str, content: RecordDict, state: RecordDict, reply: RecordDict) -> None:
+        """Every secure-aggregation entry of a message (``secagg/{phase}/{round}.{step}.{parameter}.
+        {group}/{client}``), for the hosted clients it names: ``advertise`` starts a client's instance
+        (before its exchange's upload exists: the instance is set up ahead); ``share`` continues it;
+        ``masked`` encodes the client's pending upload of that exchange (its own clipping, weighting,
+        fixed point and distributed noise) and masks it; ``unmask`` answers and ends it. A client whose
+        step fails is left out of the reply (the server treats it as dropped).
 
         A client's upload of one (run, round, step, shared parameter) is encoded into one instance,
-        ever: the first advertise naming it enters it in the node's release ledger (before encoding,
-        so a failed attempt is not retried either), which a replayed ``train`` message, a fallback to
-        an older snapshot or a restarted node never resets. A second advertise for it — in the same
-        message, in a later one, after the server re-sent the exchange's ``train`` — is refused and
-        logged, the client left out of the reply: else a server could unmask two sums of one exchange
-        that differ by exactly one client's vector (or average away its fresh noise shares). A server
-        killed mid-round after masking therefore resumes with those clients dropped from the re-run
-        exchange."""
+        ever: the first masked input naming it enters it in the node's release ledger (before
+        encoding, so a failed attempt is not retried either), which a replayed ``train`` message, a
+        fallback to an older snapshot or a restarted node never resets. A second instance asking for
+        it — in the same message, in a later one, after the server re-sent the exchange's ``train`` —
+        is refused and logged, the client left out of the reply: else a server could unmask two sums of
+        one exchange that differ by exactly one client's vector (or average away its fresh noise
+        shares). A server killed mid-round after masking therefore resumes with those clients dropped
+        from the re-run exchange."""
         from pfpl.federation.wiring import build_aggregator
         from pfpl.secure import wire
-        from pfpl.secure.protocol import PHASES, SecAggClient, Setup
+        from pfpl.secure.protocol import SecAggClient, Setup
 
-        head = R.header(content)
-        name, phase = str(head["method"]), str(head["phase"])
-        if phase not in PHASES:
-            raise ProtocolError(f"unknown secure-aggregation phase {phase!r}")
+        entries = sorted(k for k in content.config_records if k.startswith("secagg/"))
+        if not entries:
+            return
         method, plan, _ = self.method(name)
-        reply = RecordDict()
-        reply.config_records[R.PFPL] = ConfigRecord({"version": R.PROTOCOL_VERSION, "phase": phase})
-        steps = {"share": SecAggClient.share_keys, "masked": SecAggClient.masked_input, "unmask": SecAggClient.unmask}
         pending = state.config_records.get(f"{name}/pending-meta")
-        if phase == "advertise":
-            run, exchange = str(head["run"]), (int(head["round"]), int(head["step"]))
-            current = pending is not None and (
-                str(pending.get("run")),
-                int(pending["round"]),
-                int(pending["step"]),
-            ) == (run, *exchange)
-            if not (current and bool(pending["advertised"])):  # a new exchange: earlier instances' states go
-                for key in [k for k in state.config_records if k.startswith("secagg/")]:
-                    del state.config_records[key]
-            if current:
-                pending["advertised"] = True
-            # the hosted clients' own streams draw their distributed-DP shares
-            streams = self.load(name, run, exchange[0], None, state).streams
-            aggregator = build_aggregator(self.cfg, plan, streams)
-            ledger = self.ledger(name, run, state)
-            masked_before = len(ledger.masked)
-        started: dict[str, ConfigRecord] = {}  # advertise: kept only once the ledger is written
-        for key, record in content.config_records.items():
-            if not key.startswith("secagg/"):
-                continue
-            fields = dict(record)
+        ledger = self.ledger(name, run, state)
+        masked_before = len(ledger.masked)
+        aggregators: dict[int, object] = {}
+        kept: dict[str, dict] = {}  # protocol states, written once the ledger is
+        ended: set[str] = set()
+        steps = {"share": SecAggClient.share_keys, "unmask": SecAggClient.unmask}
+        for key in entries:
+            fields = dict(content.config_records[key])
             try:
-                instance, client = R.secagg_entry(key)
+                phase, exchange, instance, client = R.secagg_entry(key)
                 if client not in self.clients:
                     raise ProtocolError(f"node {self.partition_id} does not host client {client}")
-                if phase == "advertise":
-                    if not current:
-                        raise ProtocolError("no upload of this exchange is waiting for secure aggregation")
-                    index = int(instance.split(".")[0])
-                    if index >= len(method.shared_params):
-                        raise ProtocolError(f"{name} has no shared parameter {index}")
-                    pending_clients = [int(c) for c in pending["clients"]]
-                    if client not in pending_clients:
-                        raise ProtocolError("it has no upload waiting in this exchange")
-                    use = f"{run}/{exchange[0]}/{exchange[1]}/{index}/{client}"
-                    if use in ledger.masked:
-                        raise ProtocolError(
-                            f"its upload of {method.shared_params[index]!r} in round {exchange[0]}, step "
-                            f"{exchange[1]} was already encoded for an instance: it is not masked a second time"
-                        )
-                    ledger.masked.add(use)  # before encoding: a failed attempt is not retried either
-                    summands = fields.get("summands")
+                index = int(instance.split(".")[0])
+                if index >= len(method.shared_params):
+                    raise ProtocolError(f"{name} has no shared parameter {index}")
+                own = f"secagg/{exchange[0]}.{exchange[1]}.{instance}/{client}"
+                if own in ended:
+                    raise ProtocolError("its instance ended earlier in this message")
+                if phase == "advertise":  # (a server that sets an instance up again replaces it: no vector yet)
+                    summands = fields.pop("summands", None)
                     if not isinstance(summands, int) or isinstance(summands, bool) or summands < 1:
                         raise ProtocolError(f"summands {summands!r} is not a positive integer")
-                    message = wire.from_fields({k: v for k, v in fields.items() if k != "summands"}, Setup)
-                    values = R.from_arrays(state.array_records[f"{name}/pending-values"])[method.shared_params[index]]
-                    vector = aggregator.encode(
-                        values[pending_clients.index(client)].numpy(),
-                        float(self.sizes[client]),
-                        client,
-                        summands,
-                        message.threshold,
-                        exchange[0],
-                        exchange[1],
-                        index,
-                    )
-                    holder = SecAggClient(client, vector)
-                    answer = holder.setup(message)
+                    holder = SecAggClient(client)
+                    answer = holder.setup(wire.from_fields(fields, Setup))
                 else:
-                    holder = wire.client_from_state(dict(state.config_records[f"secagg/{instance}/{client}"]))
-                    answer = steps[phase](holder, wire.from_fields(fields))
+                    record = kept.get(own) or dict(state.config_records[own])  # KeyError: no such instance
+                    if record.pop("run") != run:
+                        raise ProtocolError("an instance of another run")
+                    summands = record.pop("summands")
+                    holder = wire.client_from_state(record)
+                    message = wire.from_fields(fields)
+                    if phase == "masked":
+
+                        def aggregator(r=exchange[0]):  # the hosted clients' own streams draw their noise shares
+                            if r not in aggregators:
+                                streams = self.load(name, run, r, None, state).streams
+                                aggregators[r] = build_aggregator(self.cfg, plan, streams)
+                            return aggregators[r]
+
+                        vector = self._encode_pending(
+                            name,
+                            run,
+                            method,
+                            pending,
+                            ledger,
+                            aggregator,
+                            exchange,
+                            index,
+                            client,
+                            summands,
+                            holder,
+                            state,
+                        )
+                        answer = holder.masked_input(message, vector)
+                    else:
+                        # each phase once, also against a node handed a stale state: the ledger on disk
+                        answered = f"{run}/answered/{holder.setup_msg.round_id.hex()}/{phase}/{client}"
+                        if answered in ledger.masked:
+                            raise ProtocolError(f"it answered {phase} of this instance already")
+                        answer = steps[phase](holder, message)
+                        ledger.masked.add(answered)
             except (PfplError, KeyError, ValueError, TypeError, AttributeError) as err:
-                log.warning("pfpl node: left %s out of secure aggregation at %s: %s", key, phase, err)
+                log.warning("pfpl node: left %s out of secure aggregation: %s", key, err)
                 continue
             if phase == "unmask":
-                del state.config_records[f"secagg/{instance}/{client}"]
-            elif phase == "advertise":
-                started[f"secagg/{instance}/{client}"] = ConfigRecord(wire.client_state(holder))
+                ended.add(own)
+                kept.pop(own, None)
+                state.config_records.pop(own, None)
             else:
-                state.config_records[f"secagg/{instance}/{client}"] = ConfigRecord(wire.client_state(holder))
+                kept[own] = {**wire.client_state(holder), "run": run, "summands": summands}
             reply.config_records[key] = ConfigRecord(wire.to_fields(answer))
-        if phase == "advertise" and len(ledger.masked) > masked_before:
-            self._keep_ledger(name, run, ledger, state)  # no instance starts on a ledger it did not keep
-        for key, record in started.items():
-            state.config_records[key] = record
-        return reply
+        if len(ledger.masked) > masked_before:
+            self._keep_ledger(name, run, ledger, state)  # no masked input leaves on a ledger it did not keep
+        for own, record in kept.items():
+            state.config_records[own] = ConfigRecord(record)
+
+    def _encode_pending(
+        self, name, run, method, pending, ledger, aggregator, exchange, index, client, summands, holder, state
+    ):
+        """A client's pending upload of ``exchange`` as its ring vector for one instance — once, ever."""
+        if pending is None or (str(pending.get("run")), int(pending["round"]), int(pending["step"])) != (
+            run,
+            *exchange,
+        ):
+            raise ProtocolError("no upload of this exchange is waiting for secure aggregation")
+        pending_clients = [int(c) for c in pending["clients"]]
+        if client not in pending_clients:
+            raise ProtocolError("it has no upload waiting in this exchange")
+        # every local step the upload covers: a replay that splits the round's steps differently
+        # (steps 0–1 masked as one exchange, then 0 and 1 apart) would give step 1's upload again
+        covered = range(exchange[1], exchange[1] + int(pending["steps"]))
+        uses = [f"{run}/{exchange[0]}/{s}/{index}/{client}" for s in covered]
+        if any(use in ledger.masked for use in uses):
+            raise ProtocolError(
+                f"its upload of {method.shared_params[index]!r} in round {exchange[0]}, steps "
+                f"{list(covered)} was already encoded for an instance: it is not masked a second time"
+            )
+        ledger.masked.update(uses)  # before encoding: a failed attempt is not retried either
+        values = R.from_arrays(state.array_records[f"{name}/pending-values"])[method.shared_params[index]]
+        return aggregator().encode(
+            values[pending_clients.index(client)].numpy(),
+            float(self.sizes[client]),
+            client,
+            summands,
+            holder.setup_msg.threshold,
+            exchange[0],
+            exchange[1],
+            index,
+        )
+
+    @staticmethod
+    def _forget_instances(state: RecordDict, run: str, exchange: tuple[int, int]) -> None:
+        """The protocol states of instances of another run or of exchanges before ``exchange``: gone
+        (an exchange that trains again starts its instances afresh; its uploads stay in the ledger)."""
+        for key in [k for k in state.config_records if k.startswith("secagg/")]:
+            record = state.config_records[key]
+            r, step = (int(x) for x in key.split("/")[1].split(".")[:2])
+            if record.get("run") != run or (r, step) < exchange:
+                del state.config_records[key]
 
     def phase(self, content: RecordDict, state: RecordDict) -> RecordDict:
         """A server phase's question to some hosted clients (SecFPP's clustering), after round
@@ -685,6 +749,10 @@ class Node:
         else:
             text = host.release_features(shared)
         scores = client_scores(text, self.clients, self.bench.test, self.bench.plan)
+        if spec(name).auxiliary:  # and each client's own product: its auxiliary model, body and prompt
+            own = method.auxiliary_features(host.tower, {**shared, **host.params})
+            test = self._auxiliary_received(name)[4]
+            scores.update({f"aux/{k}": v for k, v in client_scores(own, self.clients, test, self.bench.plan).items()})
         eps = host.epsilons()
         current.done, current.next_step = r, 0
         current.to_records(state, name)

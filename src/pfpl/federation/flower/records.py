@@ -14,6 +14,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from pfpl.errors import ProtocolError
+from pfpl.messages import PHASES
 
 PFPL = "pfpl"  # the ConfigRecord with the message's header
 VALUES = "values"  # ArrayRecord: one tensor per shared parameter, rows in the header's client order
@@ -98,14 +99,32 @@ def float_list(record: ConfigRecord, key: str, n: int) -> list[float]:
     return [float(v) for v in value]
 
 
-def secagg_entry(key: str) -> tuple[str, int]:
-    """``secagg/{instance}/{client}`` as (instance, client); the instance is ``{parameter}.{group}``."""
+def secagg_key(phase: str, exchange: tuple[int, int], instance: str, client: int) -> str:
+    """The entry of one client's message of one secure instance: ``secagg/{phase}/{round}.{step}.
+    {parameter}.{group}/{client}`` — named by its exchange, so the key rounds of the next exchange's
+    instances can ride on this exchange's round trips."""
+    return f"secagg/{phase}/{exchange[0]}.{exchange[1]}.{instance}/{client}"
+
+
+def secagg_entry(key: str) -> tuple[str, tuple[int, int], str, int]:
+    """A :func:`secagg_key` as (phase, (round, step), ``"{parameter}.{group}"``, client)."""
     parts = key.split("/")
-    if len(parts) != 3 or parts[0] != "secagg" or not re.fullmatch(r"[0-9]{1,6}\.[0-9]{1,6}", parts[1]):
-        raise ProtocolError(f"{key!r} is not a secure-aggregation entry (secagg/<parameter>.<group>/<client>)")
-    if not re.fullmatch(r"[0-9]{1,9}", parts[2]):
+    if (
+        len(parts) != 4
+        or parts[0] != "secagg"
+        or parts[1] not in PHASES
+        or not re.fullmatch(r"[0-9]{1,9}\.[0-9]{1,9}\.[0-9]{1,6}\.[0-9]{1,6}", parts[2])
+    ):
+        raise ProtocolError(
+            f"{key!r} is not a secure-aggregation entry (secagg/<phase>/<round>.<step>.<parameter>.<group>/<client>)"
+        )
+    if not re.fullmatch(r"[0-9]{1,9}", parts[3]):
         raise ProtocolError(f"{key!r} names no client id")
-    return parts[1], int(parts[2])
+    r, step, index, group = (int(x) for x in parts[2].split("."))
+    out = parts[1], (r, step), f"{index}.{group}", int(parts[3])
+    if secagg_key(*out) != key:  # "2" and "02" would name one client's state twice
+        raise ProtocolError(f"{key!r} is not written canonically (no leading zeros)")
+    return out
 
 
 def check_tensors(
@@ -178,4 +197,22 @@ def take_fields(content: RecordDict, prefix: str) -> dict[int, dict]:
                     raise ProtocolError(f"record {name!r} holds {key!r} twice")
                 fields[key] = tensor.numpy()
         out[int(client)] = fields
+    return out
+
+
+def only_records(reply: RecordDict, configs: set[str], arrays: frozenset[str] = frozenset(), prefix: str = "") -> None:
+    """The reply holds exactly these config and array records (and, if ``prefix``, any config record
+    whose name starts with it); no metric record. Else a ProtocolError naming the stray ones."""
+    names = {k for k in reply.config_records if not (prefix and k.startswith(prefix))}
+    if names != configs or set(reply.array_records) != set(arrays) or len(reply.metric_records):
+        have = sorted(reply.config_records) + sorted(reply.array_records) + sorted(reply.metric_records)
+        raise ProtocolError(f"the reply holds records {have}, expected {sorted(configs | set(arrays))}")
+
+
+def content(header: dict, shared: dict[str, torch.Tensor] | None = None) -> RecordDict:
+    """A message's content: the pfpl header and, if any, the shared values it carries."""
+    out = RecordDict()
+    out.config_records[PFPL] = ConfigRecord({"version": PROTOCOL_VERSION, **header})
+    if shared:
+        out.array_records[SHARED] = to_arrays(shared)
     return out

@@ -1,0 +1,64 @@
+"""Vision prompts in a run (issue 30): the prompted image tower, the cached prompt-free tokens of each
+split, and evaluation where each client's image features are functions of its own vision prompts."""
+
+from __future__ import annotations
+
+import torch
+
+from pfpl.algorithms import prompts_vision
+from pfpl.backbones.openclip import OpenClipBackbone
+from pfpl.backbones.vision_tower import FixedTokens, PromptedVision
+from pfpl.config import Config
+from pfpl.data.features import Features, image_features
+from pfpl.evaluation.federated import EvalPlan, client_scores, summarize
+
+
+def vision_methods(cfg: Config) -> list[str]:
+    """The run's methods whose image features depend on their prompts."""
+    return [m for m in cfg.train.methods if prompts_vision(m, cfg.prompt.modality)]
+
+
+def build_vision(cfg: Config, backbone: OpenClipBackbone) -> PromptedVision:
+    """The prompted image tower of the backbone, shaped by ``prompt.vision_*`` (an error for a ResNet)."""
+    p = cfg.prompt
+    return PromptedVision(backbone.model.visual, p.vision_tokens, p.vision_depth, p.vision_start, cfg.train.max_images)
+
+
+def split_tokens(vision: PromptedVision, backbone: OpenClipBackbone, dataset, split: str, cache_dir) -> torch.Tensor:
+    """``[N, T, W]`` the prompt-free tokens of a split, row for row with its cached image features."""
+    flat = image_features(FixedTokens(backbone, vision), dataset, split, cache_dir).features
+    return flat.view(len(flat), -1, vision.width)
+
+
+@torch.no_grad()
+def prompted_features(vision: PromptedVision, tokens: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    """``[N, E]`` image features of ``tokens`` ``[N, T, W]`` under one prompt set ``[depth, P, W]``, in chunks of
+    the image budget."""
+    step = max(1, vision.max_images)
+    out = [vision(tokens[i : i + step][None], prompts[None])[0] for i in range(0, len(tokens), step)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def evaluate_with_vision(
+    text: torch.Tensor,
+    prompts: torch.Tensor,
+    test: Features,
+    tokens: torch.Tensor,
+    plan: EvalPlan,
+    vision: PromptedVision,
+) -> dict:
+    """Every client's accuracies with its class text features ``[N, C, E]`` and its vision prompts
+    ``[N, depth, P, W]`` (the test images' features computed once per distinct prompt set)."""
+    n = len(plan.local)
+    text = text.expand(n, *text.shape[-2:]) if text.dim() == 2 else text
+    per_client: dict[str, list[float]] = {}
+    feats, last = None, None
+    for i in range(n):
+        if last is None or not torch.equal(prompts[i], last):
+            last = prompts[i]
+            feats = prompted_features(vision, tokens.to(last.device), last)
+        scores = client_scores(text[i : i + 1], [i], Features(feats, test.labels, test.domains), plan)
+        for key, values in scores.items():
+            per_client.setdefault(key, []).extend(values)
+    return summarize(per_client)
