@@ -26,17 +26,20 @@ DEFAULT_POLL_S = 0.02
 FAST_ENV = "PFPL_LOOPBACK_FAST"  # set by pfpl's loopback federation (LocalFederation(fast=True))
 
 
-def short_pull_backoff(initial: float = DEFAULT_POLL_S, cap: float = 0.5) -> None:
+def short_pull_backoff(initial: float = DEFAULT_POLL_S, cap: float = DEFAULT_POLL_S) -> None:
     """Flower pulls a message's objects (from the SuperNode into its ClientApp, from the SuperLink into
     the ServerApp) with a retry back-off that starts at 1 s and doubles to 10 s when an object is not
     there yet — which on loopback it usually is not, by a few milliseconds: most of a round trip went
-    to that first 1 s wait. Start it at ``initial`` seconds (capped at ``cap``) in this process."""
+    to that first 1 s wait, and a doubling back-off still overshoots an object that arrives after a
+    few tries. Poll every ``initial`` seconds, at most ``cap``, in this process; the tries per object
+    are then unbounded (Flower's overall time limit per pull stays)."""
     from flwr.supercore.inflatable import inflatable_utils as inflatable
 
     for fn in (inflatable.pull_objects, inflatable.pull_and_inflate_object_from_tree):
         if fn.__kwdefaults__ and "initial_backoff" in fn.__kwdefaults__:
             fn.__kwdefaults__["initial_backoff"] = initial
             fn.__kwdefaults__["backoff_cap"] = cap
+            fn.__kwdefaults__["max_tries_per_object"] = None
 
 
 class _ShortSleeps:
