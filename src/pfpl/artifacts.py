@@ -2,8 +2,8 @@
 
 ``runs/run-<time>/`` holds ``config.json``, ``partition.json`` (per-client class and domain counts),
 ``metrics.jsonl`` (per round and method), ``summary.json`` + ``summary.csv``, ``accuracy.png``,
-``prompts-<method>.pt`` (every client's released prompt) and ``checkpoint.pt``; an audit adds
-``audit.json`` and ``audit.png``.
+``prompts-<method>.pt`` (every client's released prompt, and its vision prompts where the method has
+them) and ``checkpoint.pt``; an audit adds ``audit.json`` and ``audit.png``.
 """
 
 from __future__ import annotations
@@ -84,6 +84,9 @@ class ReleasedPrompts:  # tensors: torch is imported by whoever builds one
     groups: Any  # torch.Tensor [N]: each client's group
     local: dict[str, Any]  # torch.Tensor [N, ...]
     clients: list[Any]  # torch.Tensor: each client's training-record indices
+    #: torch.Tensor [N, depth, P, W]: each client's released vision prompts (None: the method has none,
+    #: or the folder was written before runs kept them)
+    vision: Any = None
 
 
 class RunFolder:
@@ -170,6 +173,7 @@ class RunFolder:
                 "groups": prompts.groups,
                 "local": prompts.local,
                 "clients": prompts.clients,
+                **({} if prompts.vision is None else {"vision": prompts.vision}),
             },
         )
 
@@ -179,7 +183,9 @@ class RunFolder:
         path = self.prompts_file(method)
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
-            return ReleasedPrompts(raw["context"], raw["shared"], raw["groups"], raw["local"], list(raw["clients"]))
+            return ReleasedPrompts(
+                raw["context"], raw["shared"], raw["groups"], raw["local"], list(raw["clients"]), raw.get("vision")
+            )
         except Exception as exc:
             raise CheckpointError(f"released prompts {path} are unreadable ({type(exc).__name__})") from None
 

@@ -257,3 +257,25 @@ def test_shadows_train_on_the_shared_prompt_of_their_targets_group(world):
     torch.testing.assert_close(got, released["domain"][[1, 0, 1]].to(got))
     with pytest.raises(Exception, match="indices below 2"):
         shadow_simulator(training, tower, feats, clients, SCALE, None, seed=0, groups=[0, 2, 1])
+
+
+@pytest.mark.parametrize(
+    "method, message",
+    [
+        ("promptfolio", "more than one context"),
+        ("pfedmoap", "more than one context"),
+        ("fedotp", "more than one context"),
+        ("vpt", "vision prompts"),
+    ],
+)
+def test_methods_the_audit_cannot_attack_are_refused_in_one_line(tmp_path, capsys, monkeypatch, method, message):
+    """The peers whose classifier is not one context, and vision prompts, which change the image
+    features the attacks read: refused before any work (FedTPG's one context per class is audited)."""
+    from pfpl.cli import main
+    from pfpl.federation import runner
+
+    monkeypatch.setattr(runner, "Benchmark", lambda cfg: pytest.fail("bad input must fail before any work"))
+    run = _fake_run(tmp_path / "run", methods=(method,))
+    code = main(["audit", str(run)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err

@@ -56,3 +56,29 @@ def test_zero_shot_recomputed_matches_the_manifest(tmp_path):
     manifest = load_embedded()[1]["quality"]["zero_shot"]
     assert result["accuracy"] == pytest.approx(manifest["accuracy"], abs=1e-6)
     assert backbone.fingerprint == load_embedded()[1]["quality"]["backbone_fingerprint"]
+
+
+def test_the_vit_variant_carries_the_resnet_variants_frozen_text_tower_and_its_measured_zero_shot(tmp_path):
+    """embedded-vit was pretrained against the default variant's text tower, frozen: everything outside
+    the image tower is the same tensor in both, and its manifest's zero-shot is what the code recomputes."""
+    import torch
+
+    from pfpl.config import load_config
+    from pfpl.data import build_dataset
+    from pfpl.data.features import image_features
+    from pfpl.evaluation.zeroshot import zero_shot
+
+    resnet, _ = load_embedded()
+    vit, manifest = load_embedded(name="embedded-vit")
+    text = {k: v for k, v in resnet.state_dict().items() if not k.startswith("visual.")}
+    other = {k: v for k, v in vit.state_dict().items() if not k.startswith("visual.")}
+    assert text.keys() == other.keys() and all(torch.equal(text[k], other[k]) for k in text)
+    assert manifest["pretraining"]["settings"]["text_from"] == "embedded"
+
+    cfg = load_config(None, ["backbone.name='embedded-vit'"])
+    backbone = load_backbone("embedded-vit", device="cpu")
+    dataset = build_dataset(cfg.data)
+    test = image_features(backbone, dataset, "test", tmp_path)
+    result = zero_shot(backbone, test, dataset.classnames, dataset.domainnames, cfg.prompt.template)
+    assert result["accuracy"] == pytest.approx(manifest["quality"]["zero_shot"]["accuracy"], abs=1e-6)
+    assert backbone.fingerprint == manifest["quality"]["backbone_fingerprint"]

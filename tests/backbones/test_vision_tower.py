@@ -104,8 +104,8 @@ def test_a_resnet_image_tower_and_prompts_deeper_than_the_tower_are_refused():
 
 @pytest.mark.slow
 def test_random_weight_vit_b_16_prompted_tower_equals_open_clip_and_trains_vpt(classes):
-    """The same check on open_clip's own ViT-B-16 (random weights, never downloaded), and one VPT step
-    through the engine on it."""
+    """The same check on open_clip's own ViT-B-16 (random weights, never downloaded), and one step of
+    VPT, IVLP, MaPLe and DP-FPL on both towers through the engine on it."""
     import numpy as np
 
     from pfpl.algorithms import get_method
@@ -135,8 +135,12 @@ def test_random_weight_vit_b_16_prompted_tower_equals_open_clip_and_trains_vpt(c
     text.vision = tower
     feats = Features(backbone.encode_images(images), torch.tensor([0, 1]), torch.zeros(2, dtype=torch.long))
     data = ClientData(feats, [np.array([0]), np.array([1])], tokens=tokens)
-    method = get_method("vpt")(MethodSettings(vision_shape=tower.shape, template="a photo of a {}."))
-    sim = Simulator(method, text, data, TrainSettings(rounds=1, local_steps=1, batch_size=1), scale=100.0)
-    start = sim.params["vision"].clone()
-    sim.run_round()
-    assert not torch.equal(sim.params["vision"], start)
+    # every vision method (DP-FPL on both towers too) trains one step on it, and its vision prompts move
+    for name, modality in [("vpt", "text"), ("ivlp", "text"), ("maple", "text"), ("dpfpl", "both")]:
+        settings = MethodSettings(vision_shape=tower.shape, template="a photo of a {}.", modality=modality, rank=1)
+        sim = Simulator(
+            get_method(name)(settings), text, data, TrainSettings(rounds=1, local_steps=1, batch_size=1), scale=100.0
+        )
+        start = sim.vision_prompts().clone()
+        sim.run_round()
+        assert not torch.equal(sim.vision_prompts(), start), name

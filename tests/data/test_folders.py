@@ -257,6 +257,21 @@ def test_every_paper_recipe_validates_with_its_epsilon_grid():
         assert set(sweep_configs(cfg, grid)) == {"0.4", "0.2", "0.1", "0.05", "0.01", "inf"}
 
 
+BASELINE_RECIPES = sorted((RECIPES[0].parent / "baselines").glob("*.toml"))
+
+
+@pytest.mark.parametrize("recipe", BASELINE_RECIPES, ids=lambda p: p.stem)
+def test_each_baseline_recipe_validates_and_runs_the_method_it_reproduces(recipe):
+    """configs/paper/baselines/: the setups of the peers' published tables (docs/paper-recipes.md)."""
+    import open_clip
+
+    cfg = load_config(recipe, ["data.root='/data'"])
+    assert cfg.backbone.name in open_clip.list_models() and cfg.data.dataset in DATASETS
+    paper = recipe.stem.split("-")[0]
+    reproduced = {"feddnc": "fedotp", "pfedmma": "pfedmoap"}.get(paper, paper)
+    assert reproduced in cfg.train.methods
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_each_paper_recipe_runs_two_rounds_on_a_fake_dataset_with_its_architecture(tmp_path, recipe):

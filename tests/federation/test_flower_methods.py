@@ -1,14 +1,19 @@
-"""Every method on Flower: the ones with a server phase that asks the clients (SecFPP's clustering)
-and the one whose server ships a model (FedSP) end where the simulator does, over real Flower
-messages between the server driver and the nodes (the in-process grid)."""
+"""Every method on Flower: the ones with a server phase that asks the clients (SecFPP's clustering),
+the one whose server ships a model (FedSP), the one scored by patch features (FedOTP) and the ones
+that prompt the image tower (VPT, DP-FPL on both towers) end where the simulator does, over real
+Flower messages between the server driver and the nodes (the in-process grid)."""
 
 from __future__ import annotations
 
 import pytest
 from flower_grid import InProcessGrid, job, same, small_cfg
 
+from pfpl.config import load_config
+from pfpl.federation import context
 from pfpl.federation.flower.apps import run_job
+from pfpl.federation.flower.node import flower_refusal
 from pfpl.federation.runner import run
+from tiny_runs import TINY_VISION_RUN
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -71,3 +76,49 @@ def test_secfpp_on_flower_ends_where_the_simulator_does(flower_cache, tmp_path, 
         }
         fields |= {key for snap in asked for rec in snap["array"] for key in snap["array"][rec]}
         assert fields <= {"public_key", "recipients", "ciphertexts", "held", "query", "results"}, fields
+
+
+def test_fedotp_on_flower_scores_by_patch_features_as_the_simulator_does(flower_cache, tmp_path):
+    """Each node trains and scores its clients on their records' patch features (cached beside the
+    pooled ones): the scores equal the simulator's."""
+    assert flower_refusal("fedotp") is None
+    cfg = small_cfg(flower_cache, "train.methods=['fedotp']", "federation.rounds=1")
+    flower = run_job(InProcessGrid(3, flower_cache), job(cfg, tmp_path / "flower"))
+    same(flower, run(cfg, tmp_path / "sim"))
+
+
+VISION = [
+    *TINY_VISION_RUN,
+    # vision prompts large enough, and test images enough, that the prompts change some predictions:
+    # a node that scored without them would not match the simulator
+    "data.test_per_class_domain=2",
+    "prompt.init_std=0.3",
+    "train.lr=1.0",
+]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["train.methods=['vpt']"], ["train.methods=['dpfpl']", "prompt.modality='both'"]],
+    ids=["vpt", "dpfpl-both"],
+)
+def test_vision_prompts_on_flower_score_each_client_as_the_simulator_does(tmp_path, monkeypatch, tiny_vit, extra):
+    """On a random tiny ViT, each node scores every client it hosts (two on one node) with that
+    client's own released vision prompts over the prompt-free tokens it caches: the scores equal the
+    simulator's."""
+    monkeypatch.setattr(context, "load_backbone", lambda *a, **k: tiny_vit)
+    cache = tmp_path / "cache"
+    cfg = load_config(None, [*VISION, f"cache_dir='{cache}'", *extra])
+    flower = run_job(InProcessGrid(2, cache), job(cfg, tmp_path / "flower", supernodes=2))
+    same(flower, run(cfg, tmp_path / "sim"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["promptfolio", "pfedmoap", "fedtpg"])
+def test_the_peers_end_on_flower_where_the_simulator_does(flower_cache, tmp_path, method):
+    """PromptFolio (its own mixed classifier), pFedMoAP (its server phase delivering other clients'
+    prompts as experts) and FedTPG (a generator of class-specific contexts) over real messages."""
+    assert flower_refusal(method) is None
+    cfg = small_cfg(flower_cache, f"train.methods=['{method}']", "federation.rounds=2")
+    flower = run_job(InProcessGrid(3, flower_cache), job(cfg, tmp_path / "flower"))
+    same(flower, run(cfg, tmp_path / "sim"))

@@ -8,22 +8,11 @@ import torch
 from pfpl.config import load_config
 from pfpl.federation import context
 from pfpl.federation.runner import run
+from tiny_runs import TINY_VISION_RUN
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-SMALL = [
-    "federation.n_clients=3",
-    "federation.rounds=1",
-    "federation.local_steps=2",
-    "federation.batch_size=4",
-    "data.train_per_class_domain=1",
-    "data.val_per_class_domain=1",
-    "data.test_per_class_domain=1",
-    "prompt.n_ctx=4",
-    "train.rank=2",
-    "prompt.vision_tokens=2",
-    "prompt.vision_depth=2",
-]
+SMALL = [*TINY_VISION_RUN, "data.test_per_class_domain=1"]
 
 
 @pytest.fixture
@@ -49,7 +38,6 @@ def test_vision_and_both_tower_methods_run_and_are_scored_per_client(vit_run, tm
 
 def test_dpfpl_on_both_towers_releases_global_and_personal_prompts_of_each(vit_run, tmp_path):
     from pfpl.artifacts import RunFolder
-    from pfpl.errors import ArtifactError
     from pfpl.federation.release import export_prompt
 
     expect = {"both": ({"global", "vglobal"}, {"local", "vlocal"})}  # "vision" alone: tests/algorithms
@@ -61,8 +49,9 @@ def test_dpfpl_on_both_towers_releases_global_and_personal_prompts_of_each(vit_r
         assert set(released.shared) == shared and set(released.local) == local
         vlocal = released.local["vlocal"]
         assert vlocal.shape == (3, 2, 2, 16) and not torch.equal(vlocal[0], vlocal[1])  # personal per client
-        with pytest.raises(ArtifactError, match="does not carry yet"):
-            export_prompt(folder, "dpfpl", 0)
+        assert released.vision.shape == (3, 2, 2, 16)  # kept for export: each client's released vision prompts
+        artifact = export_prompt(folder, "dpfpl", 0)
+        assert torch.equal(artifact.vision, released.vision[0]) and torch.equal(artifact.context, released.context[0])
 
 
 def test_a_resnet_backbone_refuses_vision_prompts_in_one_line(tmp_path, monkeypatch, tiny):

@@ -108,6 +108,13 @@ class PromptedVision:
             pooled = pooled @ self.visual.proj
         return F.normalize(pooled.float(), dim=-1).reshape(b, n, -1)
 
+    @torch.no_grad()
+    def features(self, tokens: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """``[N, E]`` image features of ``tokens`` ``[N, T, W]`` under one prompt set ``[depth, P, W]``, in
+        chunks of the image budget (what a run's evaluation and ``pfpl predict`` both compute)."""
+        step = max(1, self.max_images)
+        return torch.cat([self(tokens[i : i + step][None], prompts[None])[0] for i in range(0, len(tokens), step)])
+
 
 class FixedTokens:
     """:meth:`PromptedVision.fixed` as an image encoder for the feature cache

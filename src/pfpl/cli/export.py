@@ -13,7 +13,8 @@ def add_parser(sub) -> None:
         "export",
         help="write one client's released prompt (and its privacy certificate) as a safetensors file",
         description="Write client I's released prompt of method M from a finished run folder: the context "
-        "tensor, class names, template, backbone name and weight fingerprint, and a privacy certificate "
+        "tensor (and vision prompts, for VPT, IVLP, MaPLe or DP-FPL on the image tower), class names, template, "
+        "backbone name and weight fingerprint, and a privacy certificate "
         "(ε, δ, mechanism, adjacency, unit; the audit's figures when the run was audited).",
     )
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished run folder (pfpl run --out)")
@@ -40,8 +41,12 @@ def command(args: argparse.Namespace) -> int:
         if not cert.get("formal_guarantee"):
             why = "nominal" if cert.get("epsilon_kind") == "nominal" else cert.get("randomness", "")
             privacy += f", NO formal guarantee ({why})"
+    prompt = "the frozen template" if artifact.context is None else f"{artifact.n_ctx} context tokens"
+    if artifact.vision is not None:
+        depth, tokens, _ = artifact.vision.shape
+        prompt += f" and {tokens} vision tokens in {depth} image layers from layer {artifact.vision_start}"
     print(
         f"wrote {args.out}: {artifact.method} client {artifact.client}, {len(artifact.classnames)} classes, "
-        f"{artifact.n_ctx} context tokens on {artifact.backbone}; {privacy}"
+        f"{prompt} on {artifact.backbone}; {privacy}"
     )
     return 0

@@ -21,7 +21,11 @@ def describe(artifact) -> dict:
         "backbone": artifact.backbone,
         "backbone_pretrained": artifact.backbone_pretrained,
         "backbone_fingerprint": artifact.backbone_fingerprint,
-        "context_shape": list(artifact.context.shape),
+        "format": artifact.format,
+        "text": artifact.text,  # "context", or "template": the frozen template's class texts classify
+        "context_shape": None if artifact.context is None else list(artifact.context.shape),
+        "vision_shape": None if artifact.vision is None else list(artifact.vision.shape),  # [depth, tokens, width]
+        "vision_start": None if artifact.vision is None else artifact.vision_start,
         "template": artifact.template,
         "classnames": artifact.classnames,
         "certificate": artifact.certificate,
@@ -53,7 +57,10 @@ def command(args: argparse.Namespace) -> int:
         ),
         *info["provenance"].items(),
     ]
-    print(f"{args.file}: {info['method']} prompt of client {info['client']}, context {info['context_shape']}")
+    context = "frozen template" if info["context_shape"] is None else f"context {info['context_shape']}"
+    if info["vision_shape"] is not None:
+        context += f", vision prompts {info['vision_shape']} from image layer {info['vision_start']}"
+    print(f"{args.file}: {info['method']} prompt of client {info['client']}, {context}")
     for label, value in rows:
         print(f"  {label:<24} {value}")
     return 0

@@ -28,12 +28,12 @@ def command(args: argparse.Namespace) -> int:
 
     from pfpl.backbones import load_backbone
     from pfpl.backbones.embedded import VARIANTS, assets_dir, record_quality, save_embedded
-    from pfpl.backbones.pretrain import pretrain
+    from pfpl.backbones.pretrain import VARIANT_RECIPES, pretrain
     from pfpl.config import Config
     from pfpl.data import build_dataset
 
     out = args.out or assets_dir()
-    settings = {"seed": args.seed}
+    settings = {**VARIANT_RECIPES.get(args.variant, {}), "seed": args.seed}
     if args.steps:
         settings["steps"] = args.steps
     model, record = pretrain(

@@ -114,8 +114,8 @@ class ClientUpdate:
         self.mechanism = mechanism or BatchMean()
         if method.prompts_vision and tower.vision is None:
             raise BackboneError(
-                f"{method.name} prompts the image tower, but this transport set up no prompted image tower "
-                "(vision prompts run in the simulator: pfpl run)"
+                f"{method.name} prompts the image tower, but its prompt tower carries no prompted image tower "
+                "(the run's Benchmark builds one when a method of the config prompts the image tower)"
             )
         method.prepare(tower)
 

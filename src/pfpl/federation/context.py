@@ -17,10 +17,10 @@ from pfpl.data.clients import ClientData
 from pfpl.data.features import Features, image_features
 from pfpl.data.partitions import make_partition, novel_classes, training_pool
 from pfpl.errors import ConfigError
-from pfpl.evaluation.federated import EvalPlan, evaluate_clients
+from pfpl.evaluation.federated import EvalPlan, client_scores, summarize
 from pfpl.evaluation.zeroshot import zero_shot_text_features
 from pfpl.federation.simulator import Simulator
-from pfpl.federation.vision import build_vision, evaluate_with_vision, split_tokens, vision_methods
+from pfpl.federation.vision import build_vision, split_tokens, vision_methods, vision_scores
 from pfpl.federation.wiring import build_engine, method_settings, plan_for, train_settings
 from pfpl.privacy.clipping import quantile_clip, record_gradient_norms
 from pfpl.privacy.modes import mode_of
@@ -87,6 +87,15 @@ class Benchmark:
     def client_data(self) -> ClientData:
         tokens = self.tokens("train") if self.vision is not None else None
         return ClientData(self.train, self.partition.clients, self.device, tokens=tokens)
+
+    def method_data(self, method_name: str) -> ClientData:
+        """Every client's training data as method ``method_name`` trains on it: FedOTP's batches carry
+        their records' patch features, a run with vision prompts its prompt-free tokens. The simulator's
+        engine and a SuperNode's host both take it from here, so both transports train on the same
+        batches (FedSP trains on its auxiliary model's features instead: :mod:`pfpl.federation.fedsp`)."""
+        if spec(method_name).patches:
+            return ClientData(self.train, self.partition.clients, self.device, tokens=self.patches("train"))
+        return self.client_data()
 
     def tokens(self, split: str) -> torch.Tensor:
         """``[N, T, W]`` a split's prompt-free image tokens (runs with vision prompts), cached on disk."""
@@ -155,10 +164,8 @@ class Benchmark:
                 self.reference,
                 method=cls(settings),
             )
-        if spec(method_name).patches:  # FedOTP: every batch carries its records' patch features
-            data = ClientData(self.train, self.partition.clients, self.device, tokens=self.patches("train"))
-            return build_engine(cfg, method_name, self.tower, data, self.backbone.logit_scale, self.reference)
-        return build_engine(cfg, method_name, self.tower, self.client_data(), self.backbone.logit_scale, self.reference)
+        data = self.method_data(method_name)
+        return build_engine(cfg, method_name, self.tower, data, self.backbone.logit_scale, self.reference)
 
     def patches(self, split: str) -> torch.Tensor:
         """``[N, P, E]`` a split's patch features (FedOTP), cached on disk beside the pooled ones
@@ -171,17 +178,36 @@ class Benchmark:
             self._patches[split] = flat.view(flat.shape[0], -1, e).to(self.device)
         return self._patches[split]
 
-    def _scored(self, features: Features, split: str, classifier) -> Features:
-        """``features`` with their patch features where the classifier scores by them (FedOTP)."""
-        if getattr(classifier, "needs_tokens", False):
-            return replace(features, tokens=self.patches(split))
-        return features
+    @property
+    def val_plan(self) -> EvalPlan:
+        """Which val records each client is scored on (built once, where hyper-parameters are chosen)."""
+        if self._val_plan is None:
+            self._val_plan = EvalPlan.build(self.partition, self.train, self.val, self.novel, self.held_out_domains)
+        return self._val_plan
+
+    def scores(
+        self,
+        text_features,
+        clients: list[int] | None = None,
+        vision: torch.Tensor | None = None,
+        split: str = "test",
+    ) -> dict[str, list[float]]:
+        """Each of ``clients``' (default: every client's) accuracies on ``split`` (``"test"`` or ``"val"``),
+        from its row of the class text features or released classifier and, if the method prompts the
+        image tower, of its vision prompts ``[B, depth, P, W]`` — with patch features where the
+        classifier scores by them (FedOTP). The one scoring of both transports: the simulator's
+        evaluation (every client) and a SuperNode's (the clients it hosts), so they cannot drift."""
+        features, plan = (self.test, self.plan) if split == "test" else (self.val, self.val_plan)
+        clients = list(range(len(plan.local))) if clients is None else list(clients)
+        if vision is not None:
+            return vision_scores(text_features, vision, clients, features, self.tokens(split), plan, self.vision)
+        if getattr(text_features, "needs_tokens", False):
+            features = replace(features, tokens=self.patches(split))
+        return client_scores(text_features, clients, features, plan)
 
     def evaluate(self, text_features: torch.Tensor, vision: torch.Tensor | None = None) -> dict:
         """Test accuracies of every client's class text features (and vision prompts, if any)."""
-        if vision is not None:
-            return evaluate_with_vision(text_features, vision, self.test, self.tokens("test"), self.plan, self.vision)
-        return evaluate_clients(text_features, self._scored(self.test, "test", text_features), self.plan)
+        return summarize(self.scores(text_features, vision=vision))
 
     def validate(
         self, method_name: str, text_features: torch.Tensor, vision: torch.Tensor | None = None
@@ -190,14 +216,7 @@ class Benchmark:
         test); None when the method's server trained on val (FedSP with ``fedsp.server_data = 'val'``)."""
         if spec(method_name).auxiliary and self.cfg.fedsp.server_data == "val":
             return None
-        if self._val_plan is None:
-            self._val_plan = EvalPlan.build(self.partition, self.train, self.val, self.novel, self.held_out_domains)
-        if vision is not None:
-            result = evaluate_with_vision(
-                text_features, vision, self.val, self.tokens("val"), self._val_plan, self.vision
-            )
-        else:
-            result = evaluate_clients(text_features, self._scored(self.val, "val", text_features), self._val_plan)
+        result = summarize(self.scores(text_features, vision=vision, split="val"))
         return {k: result[k] for k in ("local", "neighbor") if k in result}
 
 

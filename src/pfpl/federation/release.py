@@ -66,7 +66,7 @@ def certificate(summary: dict, method: str, client: int, audit: dict | None) -> 
 
 def export_prompt(run_dir: Path | str, method: str, client: int) -> PromptArtifact:
     """Client ``client``'s released prompt of ``method`` in the run at ``run_dir``."""
-    from pfpl.algorithms import prompts_vision, spec
+    from pfpl.algorithms import prompted_towers, prompts_vision, spec
     from pfpl.config import build_config
     from pfpl.data import build_dataset
 
@@ -98,11 +98,15 @@ def export_prompt(run_dir: Path | str, method: str, client: int) -> PromptArtifa
         raise ArtifactError(f"--client {client} is out of range: the run has clients 0 … {n - 1}")
     state = folder.load_checkpoint()
     cfg = build_config(state["config"])
+    vision = None
     if prompts_vision(method, cfg.prompt.modality):
-        raise ArtifactError(
-            f"{method}'s release holds vision prompts (prompt.modality = {cfg.prompt.modality!r}), which the prompt "
-            "artifact format does not carry yet; its prompts are in the run folder's prompts file"
-        )
+        if prompts.vision is None:
+            raise ArtifactError(
+                f"run {run_dir}'s prompts file for {method} keeps no released vision prompts (made by an older "
+                "pfpl); rerun it to export them"
+            )
+        vision = prompts.vision[client]
+    frozen_text = prompted_towers(method, cfg.prompt.modality) == "vision"  # the template classifies
     fingerprint = state.get("fingerprints", {}).get("backbone")
     if not fingerprint:
         raise ArtifactError(f"run {run_dir}'s checkpoint records no backbone fingerprint (made by an older pfpl)")
@@ -121,7 +125,9 @@ def export_prompt(run_dir: Path | str, method: str, client: int) -> PromptArtifa
         "accuracy_covered_by_epsilon": False,
     }
     return PromptArtifact(
-        context=prompts.context[client],
+        context=None if frozen_text else prompts.context[client],
+        vision=vision,
+        vision_start=cfg.prompt.vision_start,
         classnames=list(build_dataset(cfg.data).classnames),
         template=cfg.prompt.template,
         backbone=cfg.backbone.name,

@@ -98,12 +98,15 @@ def grouping(sim, bench) -> dict:
 
 
 def released(sim, clients: list) -> ReleasedPrompts:
+    """Every client's released prompt (and vision prompts, kept so the run folder can export them)."""
+    vision = sim.vision_prompts()
     return ReleasedPrompts(
         context=sim.personalized_context().cpu(),
         shared={k: v.cpu() for k, v in sim.server.shared.items()},
         groups=sim.server.groups.cpu(),
         local={k: v.cpu() for k, v in sim.local.items()},
         clients=[torch.as_tensor(ix) for ix in clients],
+        vision=None if vision is None else vision.cpu(),
     )
 
 

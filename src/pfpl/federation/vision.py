@@ -10,7 +10,7 @@ from pfpl.backbones.openclip import OpenClipBackbone
 from pfpl.backbones.vision_tower import FixedTokens, PromptedVision
 from pfpl.config import Config
 from pfpl.data.features import Features, image_features
-from pfpl.evaluation.federated import EvalPlan, client_scores, summarize
+from pfpl.evaluation.federated import EvalPlan, client_scores
 
 
 def vision_methods(cfg: Config) -> list[str]:
@@ -31,34 +31,26 @@ def split_tokens(vision: PromptedVision, backbone: OpenClipBackbone, dataset, sp
 
 
 @torch.no_grad()
-def prompted_features(vision: PromptedVision, tokens: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-    """``[N, E]`` image features of ``tokens`` ``[N, T, W]`` under one prompt set ``[depth, P, W]``, in chunks of
-    the image budget."""
-    step = max(1, vision.max_images)
-    out = [vision(tokens[i : i + step][None], prompts[None])[0] for i in range(0, len(tokens), step)]
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def evaluate_with_vision(
+def vision_scores(
     text: torch.Tensor,
     prompts: torch.Tensor,
+    clients: list[int],
     test: Features,
     tokens: torch.Tensor,
     plan: EvalPlan,
     vision: PromptedVision,
-) -> dict:
-    """Every client's accuracies with its class text features ``[N, C, E]`` and its vision prompts
-    ``[N, depth, P, W]`` (the test images' features computed once per distinct prompt set)."""
-    n = len(plan.local)
-    text = text.expand(n, *text.shape[-2:]) if text.dim() == 2 else text
+) -> dict[str, list[float]]:
+    """Each of ``clients``' accuracies with its row of the class text features ``[B, C, E]`` (or ``[C, E]``
+    shared) and of the vision prompts ``[B, depth, P, W]``: what a party computes for the clients it
+    hosts (the test images' features computed once per distinct prompt set in a row)."""
+    text = text.expand(len(clients), *text.shape[-2:]) if text.dim() == 2 else text
     per_client: dict[str, list[float]] = {}
     feats, last = None, None
-    for i in range(n):
-        if last is None or not torch.equal(prompts[i], last):
-            last = prompts[i]
-            feats = prompted_features(vision, tokens.to(last.device), last)
-        scores = client_scores(text[i : i + 1], [i], Features(feats, test.labels, test.domains), plan)
+    for row, client in enumerate(clients):
+        if last is None or not torch.equal(prompts[row], last):
+            last = prompts[row]
+            feats = vision.features(tokens.to(last.device), last)
+        scores = client_scores(text[row : row + 1], [client], Features(feats, test.labels, test.domains), plan)
         for key, values in scores.items():
             per_client.setdefault(key, []).extend(values)
-    return summarize(per_client)
+    return per_client

@@ -67,8 +67,6 @@ RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a run id names a folder of the no
 def flower_refusal(name: str) -> str | None:
     """Why method ``name`` cannot run on Flower yet (None: it can)."""
     method = get_method(name)(MethodSettings())
-    if spec(name).patches:
-        return f"{name} scores images by their patch features, which the SuperNodes do not cache yet"
     if method.server_phases() and not method.client_handlers():
         return f"{name} runs a server phase with the clients between rounds that has no client side over messages"
     return None
@@ -271,8 +269,7 @@ class Node:
         self.bench = Benchmark(cfg)
         self.settings = train_settings(cfg)
         self.clients = hosted_clients(cfg.federation.n_clients, partition_id, num_partitions)
-        self.data = self.bench.client_data()
-        self.sizes = torch.tensor(self.data.sizes(), dtype=torch.float32)
+        self.sizes = torch.tensor(self.bench.partition.sizes(), dtype=torch.float32)
         self.state_dir = Path(state_dir)
         self._methods: dict[str, tuple] = {}
         self._auxiliary: dict[str, tuple] = {}  # method -> (digest, its tower, its clients' data, body)
@@ -297,10 +294,11 @@ class Node:
             if why:
                 raise ProtocolError(why)
             settings = method_settings(self.cfg, self.bench.backbone)
-            tower, data = self.bench.tower, self.data
             if spec(name).auxiliary:  # FedSP: the model the server shipped, its body the clients' start
                 tower, data, body = self._auxiliary_model(name)
                 settings.extra.update({"fedsp_body": body, "fedsp_upload": self.cfg.fedsp.upload})
+            else:  # the simulator's data for the method (FedOTP's patch features, vision prompts' tokens)
+                tower, data = self.bench.tower, self.bench.method_data(name)
             method = get_method(name)(settings)
             cfg = self.cfg if spec(name).auxiliary else self.bench.method_config(name)  # its measured clip
             plan = plan_for(cfg, method, self.bench.partition.sizes(), self.settings, tower.backbone.ctx_dim)
@@ -721,7 +719,13 @@ class Node:
                 self._phase_state.pop(next(iter(self._phase_state)))
             self._phase_state[key] = {}
         host.phase_state = self._phase_state[key]
+        before = {k: v.clone() for k, v in host.params.items()}
         answers = host.answer(kind, requests)
+        if any(not torch.equal(before[k], v) for k, v in host.params.items()):
+            # the phase changed the clients' state (pFedMoAP's download of experts): keep it, as
+            # the simulator's clients keep it, for the round's evaluation and the next round
+            current.absorb(host.state_dict())
+            current.to_records(state, name)
         reply = RecordDict()
         reply.config_records[R.PFPL] = ConfigRecord({"version": R.PROTOCOL_VERSION, "clients": sorted(answers)})
         for c, fields in answers.items():
@@ -740,15 +744,16 @@ class Node:
             current = self.load(name, run, r, 0, state)
         shared = self._shared(name, content, self.clients)
         host.load_state_dict(current.host_state(self.clients))
+        vision = None
         if spec(name).auxiliary:  # FedSP's product is the server's full model with the prompt: its features
             expected = (len(self.bench.dataset.classnames), int(self.bench.reference.shape[-1]))
             if "product" not in content.array_records:
                 raise ProtocolError(f"{name}: the evaluation carries no product text features")
             text = R.check_tensors(R.from_arrays(content.array_records["product"]), {"text": expected}, "product")
             text = text["text"].to(self.bench.device).expand(len(self.clients), *expected)
-        else:
-            text = host.release_features(shared)
-        scores = client_scores(text, self.clients, self.bench.test, self.bench.plan)
+        else:  # each hosted client's classifier and vision prompts, scored as the simulator scores them
+            text, vision = host.release_features(shared), host.release_vision(shared)
+        scores = self.bench.scores(text, self.clients, vision)
         if spec(name).auxiliary:  # and each client's own product: its auxiliary model, body and prompt
             own = method.auxiliary_features(host.tower, {**shared, **host.params})
             test = self._auxiliary_received(name)[4]
